@@ -1,0 +1,481 @@
+"""Pieces of stage 2 (heterogeneous contrastive fine-tuning), each usable and tested on its own.
+
+- `contrastive_loss`: InfoNCE on cosine similarity, in-batch and hard negatives, gathered across processes.
+- `grad_cache_step`: the two-pass GradCache computation (arXiv 2101.06983), exact in loss and gradients.
+- `TaskBatchSampler`: every global batch from one task; tasks visited in proportion to size or weight.
+- `MultiTaskDataset`, `drop_rows_without_positive`, `ContrastiveCollator`: rows of several tasks -> model inputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+import os
+import random
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image
+
+
+logger = logging.getLogger(__name__)
+
+QUERY_FIELDS = ("query_text", "query_image")
+POSITIVE_FIELDS = ("pos_text", "pos_image")
+NEGATIVE_FIELDS = ("neg_text", "neg_image")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loss
+
+
+def _is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def gather_with_grad(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Concatenate `tensor` (first dimension may differ between ranks) over all processes, keeping gradients.
+
+    Returns the concatenation and the row at which this rank's rows start. `torch.distributed.nn.functional.all_gather`
+    sums the incoming gradients in its backward, so every rank's rows receive the gradient of every rank's loss.
+    Single-process: returns `tensor` unchanged.
+    """
+    if not _is_distributed():
+        return tensor, 0
+    from torch.distributed.nn.functional import all_gather
+
+    # The collective needs equal shapes: pad to the largest rank, then cut each rank's padding out again.
+    local_rows = torch.tensor([tensor.shape[0]], device=tensor.device)
+    rows_per_rank = [torch.zeros_like(local_rows) for _ in range(dist.get_world_size())]
+    dist.all_gather(rows_per_rank, local_rows)
+    rows_per_rank = [int(rows) for rows in rows_per_rank]
+    padded = F.pad(tensor, (0, 0, 0, max(rows_per_rank) - tensor.shape[0]))
+    gathered = all_gather(padded)
+    offset = sum(rows_per_rank[: dist.get_rank()])
+    return torch.cat([part[:rows] for part, rows in zip(gathered, rows_per_rank)]), offset
+
+
+def info_nce(
+    query_embeddings: torch.Tensor, document_embeddings: torch.Tensor, positive_index: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """Sum over queries of -log softmax(cos(q, d) / temperature)[positive]."""
+    queries = F.normalize(query_embeddings, dim=-1)
+    documents = F.normalize(document_embeddings, dim=-1)
+    logits = queries @ documents.T / temperature
+    # Softmax in at least fp32: bf16 logits at temperature 0.03 lose the differences that matter.
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits, positive_index, reduction="sum")
+
+
+def contrastive_loss(
+    query_embeddings: torch.Tensor,
+    document_embeddings: torch.Tensor,
+    temperature: float = 0.03,
+    matryoshka_dims: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """InfoNCE of the local queries against every document of every process.
+
+    `document_embeddings` holds this process's positives first (row i is the positive of query i), then its hard
+    negatives. Each query is scored against all documents of the global batch: its positive, every other query's
+    positive (in-batch negatives) and every hard negative.
+
+    Across processes the returned value is `world_size / global_queries` times the sum over *local* queries (the
+    local mean when ranks hold equal shares). Its backward, through the summing gather, gives each rank
+    `world_size` times its share of the global-batch gradient; the data-parallel wrapper (DDP, FSDP, DeepSpeed)
+    averages over ranks, so the optimiser sees exactly the single-process gradient of the global batch, and the mean
+    of the logged losses over ranks is the global-batch loss, also when ranks hold unequal shares.
+
+    With `matryoshka_dims`, the loss is the mean of the losses at each truncated (and re-normalised) dimension.
+    """
+    num_queries = query_embeddings.shape[0]
+    if document_embeddings.shape[0] < num_queries:
+        raise ValueError(
+            f"{num_queries} queries but only {document_embeddings.shape[0]} documents: every query needs its positive"
+        )
+    all_documents, offset = gather_with_grad(document_embeddings)
+    positive_index = torch.arange(offset, offset + num_queries, device=query_embeddings.device)
+    world_size, global_queries = 1, num_queries
+    if _is_distributed():
+        world_size = dist.get_world_size()
+        count = torch.tensor([num_queries], device=query_embeddings.device)
+        dist.all_reduce(count)
+        global_queries = int(count)
+    dims = matryoshka_dims or [query_embeddings.shape[-1]]
+    losses = [
+        info_nce(query_embeddings[:, :dim], all_documents[:, :dim], positive_index, temperature) for dim in dims
+    ]
+    return torch.stack(losses).mean() * world_size / global_queries
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# GradCache
+
+
+class _RandomState:
+    """The CPU and accelerator random states at one moment, to replay dropout exactly in the second pass."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor]):
+        self.cpu_state = torch.get_rng_state()
+        self.cuda_devices = sorted({t.device.index or 0 for t in tensors if t.is_cuda})
+        self.cuda_states = [torch.cuda.get_rng_state(device) for device in self.cuda_devices]
+
+    @contextlib.contextmanager
+    def restored(self):
+        with torch.random.fork_rng(devices=self.cuda_devices):
+            torch.set_rng_state(self.cpu_state)
+            for device, state in zip(self.cuda_devices, self.cuda_states):
+                torch.cuda.set_rng_state(state, device)
+            yield
+
+
+def _tensors(chunk: dict) -> list[torch.Tensor]:
+    return [value for value in chunk.values() if isinstance(value, torch.Tensor)]
+
+
+def grad_cache_step(
+    encode: Callable[[dict], torch.Tensor],
+    query_chunks: Sequence[dict],
+    document_chunks: Sequence[dict],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
+    no_sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> torch.Tensor:
+    """Loss and parameter gradients of `loss_fn(encode(queries), encode(documents))`, one chunk in memory at a time.
+
+    Pass 1 encodes every chunk without a graph and back-propagates the loss to the embeddings only. Pass 2 re-encodes
+    each chunk with a graph (replaying its random state, so dropout masks match) and back-propagates the cached
+    embedding gradients into the parameters. Memory is bounded by one chunk's activations plus the embeddings; the
+    loss and gradients equal those of the full-batch computation up to floating-point summation order.
+
+    `backward` runs the parameter backward (e.g. `accelerator.backward`); `no_sync` is entered around every chunk's
+    backward except the last, so that a data-parallel wrapper reduces gradients once per step.
+    """
+    chunks = [*query_chunks, *document_chunks]
+    embeddings, random_states = [], []
+    with torch.no_grad():
+        for chunk in chunks:
+            random_states.append(_RandomState(_tensors(chunk)))
+            embeddings.append(encode(chunk))
+
+    detached = [embedding.detach().requires_grad_() for embedding in embeddings]
+    queries = torch.cat(detached[: len(query_chunks)])
+    documents = torch.cat(detached[len(query_chunks) :])
+    loss = loss_fn(queries, documents)
+    loss.backward()
+
+    for index, (chunk, cached, random_state) in enumerate(zip(chunks, detached, random_states)):
+        is_last = index == len(chunks) - 1
+        with random_state.restored():
+            embedding = encode(chunk)
+        surrogate = torch.dot(embedding.flatten(), cached.grad.flatten().to(embedding.dtype))
+        with contextlib.nullcontext() if is_last else no_sync():
+            backward(surrogate)
+    return loss.detach()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Task-aware batching
+
+
+class TaskBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Batches of indices into a concatenation of tasks, every global batch drawn from a single task.
+
+    Each process iterates the same sequence of global batches (the order depends only on `seed` and the epoch) and
+    yields its own slice of each, so the global batch (all processes together) is what comes from one task.
+
+    Per epoch, task `t` contributes `ceil(size_t / global_batch_size)` batches (every row visited once, the last batch
+    of a task filled up with rows from its start), or, with `weights`, a number of batches proportional to its weight
+    out of the same total (rows re-shuffled and repeated when a task is up-sampled). The batches of all tasks are
+    then shuffled together. With `task_aware=False` the tasks are pooled and shuffled as one.
+    """
+
+    def __init__(
+        self,
+        task_sizes: Sequence[int],
+        global_batch_size: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+        weights: Sequence[float] | None = None,
+        task_aware: bool = True,
+        drop_last: bool = False,
+        seed: int = 0,
+    ):
+        if global_batch_size % num_replicas:
+            raise ValueError(f"global batch size {global_batch_size} is not divisible by {num_replicas} processes")
+        if weights is not None and len(weights) != len(task_sizes):
+            raise ValueError(f"{len(weights)} weights for {len(task_sizes)} tasks")
+        if min(task_sizes, default=0) <= 0:
+            raise ValueError(f"every task needs at least one row, got sizes {list(task_sizes)}")
+        self.task_sizes = list(task_sizes)
+        self.offsets = [sum(self.task_sizes[:t]) for t in range(len(self.task_sizes))]
+        self.global_batch_size = global_batch_size
+        self.local_batch_size = global_batch_size // num_replicas
+        self.rank = rank
+        self.weights = list(weights) if weights is not None else None
+        self.task_aware = task_aware
+        self.drop_last = drop_last
+        self.seed = seed
+        self.epoch = 0
+        for task, size in enumerate(self.task_sizes):
+            if task_aware and size < global_batch_size:
+                logger.warning(
+                    f"task {task} has {size} rows, fewer than the global batch size {global_batch_size}: its batches "
+                    "repeat rows, which then count as false negatives"
+                )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches_per_task(self) -> list[int]:
+        rounding = math.floor if self.drop_last else math.ceil
+        natural = [max(1, rounding(size / self.global_batch_size)) for size in self.task_sizes]
+        if self.weights is None:
+            return natural
+        total_weight = sum(self.weights)
+        return [max(1, round(sum(natural) * weight / total_weight)) if weight > 0 else 0 for weight in self.weights]
+
+    def global_batches(self) -> list[tuple[int, list[int]]]:
+        """This epoch's global batches as `(task, indices)`; task is -1 when batches are not task-aware."""
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        if not self.task_aware:
+            total = sum(self.task_sizes)
+            order = torch.randperm(total, generator=generator).tolist()
+            return [(-1, batch) for batch in self._cut(order, self._count(total))]
+
+        batches = []
+        for task, count in enumerate(self._batches_per_task()):
+            needed = count * self.global_batch_size
+            rows = []
+            while len(rows) < needed:
+                # One pass over the task, its last batch filled from the pass's start: no batch straddles two passes,
+                # so no batch holds a row twice (unless the task is smaller than a batch).
+                permutation = torch.randperm(self.task_sizes[task], generator=generator).tolist()
+                rows += self._fill(permutation, math.ceil(len(permutation) / self.global_batch_size))
+            indices = [self.offsets[task] + row for row in rows[:needed]]
+            batches += [(task, batch) for batch in self._cut(indices, count)]
+        order = torch.randperm(len(batches), generator=generator).tolist()
+        return [batches[i] for i in order]
+
+    def _count(self, rows: int) -> int:
+        return rows // self.global_batch_size if self.drop_last else math.ceil(rows / self.global_batch_size)
+
+    def _fill(self, indices: list[int], count: int) -> list[int]:
+        """`indices` cut or repeated from their start to exactly `count` global batches."""
+        needed = count * self.global_batch_size
+        return (indices * math.ceil(needed / len(indices)))[:needed]
+
+    def _cut(self, indices: list[int], count: int) -> list[list[int]]:
+        filled = self._fill(indices, count)
+        return [filled[i * self.global_batch_size : (i + 1) * self.global_batch_size] for i in range(count)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        start = self.rank * self.local_batch_size
+        for _, batch in self.global_batches():
+            yield batch[start : start + self.local_batch_size]
+
+    def __len__(self) -> int:
+        if not self.task_aware:
+            return self._count(sum(self.task_sizes))
+        return sum(self._batches_per_task())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data
+
+
+@dataclass
+class TaskSpec:
+    """One task: its rows and how its queries and documents are prompted."""
+
+    name: str
+    dataset: "datasets.Dataset"  # noqa: F821
+    query_prompt: str | None = None
+    document_prompt: str | None = None
+    weight: float | None = None
+    image_root: str | None = None
+
+
+class MultiTaskDataset(torch.utils.data.Dataset):
+    """The concatenation of several tasks; each item carries its task and row so that problems can name them."""
+
+    def __init__(self, tasks: Sequence[TaskSpec]):
+        self.tasks = list(tasks)
+        self.task_sizes = [len(task.dataset) for task in self.tasks]
+        self.offsets = [sum(self.task_sizes[:t]) for t in range(len(self.tasks))]
+
+    def __len__(self) -> int:
+        return sum(self.task_sizes)
+
+    def __getitem__(self, index: int) -> dict:
+        task = max(t for t, offset in enumerate(self.offsets) if offset <= index)
+        row = index - self.offsets[task]
+        return {**self.tasks[task].dataset[row], "task": task, "row": row}
+
+
+def _present(value) -> bool:
+    if value is None:
+        return False
+    if isinstance(value, str):
+        return bool(value.strip())
+    if isinstance(value, dict):  # datasets Image feature, undecoded
+        return bool(value.get("bytes")) or bool(value.get("path"))
+    if isinstance(value, (list, tuple)):
+        return any(_present(item) for item in value)
+    return True
+
+
+def drop_rows_without_positive(dataset: "datasets.Dataset", task_name: str) -> "datasets.Dataset":  # noqa: F821
+    """Drop the rows that have no query or no positive, logging how many and which, with the missing field.
+
+    Images are not decoded here (only their presence is checked); unreadable images are caught by the collator.
+    """
+    columns = [c for c in (*QUERY_FIELDS, *POSITIVE_FIELDS) if c in dataset.column_names]
+    if not any(c in columns for c in POSITIVE_FIELDS):
+        raise ValueError(f"task {task_name!r} has no positive column: expected one of {POSITIVE_FIELDS}")
+    if not any(c in columns for c in QUERY_FIELDS):
+        raise ValueError(f"task {task_name!r} has no query column: expected one of {QUERY_FIELDS}")
+    table = dataset.select_columns(columns).with_format("arrow")[:]
+    values = {c: table.column(c).to_pylist() for c in columns}
+    kept, problems = [], []
+    for row in range(len(dataset)):
+        missing = [
+            "/".join(fields)
+            for fields in (QUERY_FIELDS, POSITIVE_FIELDS)
+            if not any(_present(values[f][row]) for f in fields if f in values)
+        ]
+        if missing:
+            problems.append(f"row {row}: no {' and no '.join(missing)}")
+        else:
+            kept.append(row)
+    if problems:
+        shown = "; ".join(problems[:10]) + ("; ..." if len(problems) > 10 else "")
+        logger.warning(f"task {task_name!r}: skipped {len(problems)} of {len(dataset)} rows ({shown})")
+        dataset = dataset.select(kept)
+    return dataset
+
+
+def load_image(value, image_root: str | None = None) -> Image.Image:
+    """An RGB image from PIL, bytes, a path, or a `datasets` Image dict; fully decoded so that errors surface here."""
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, (bytes, bytearray)):
+        image = Image.open(io.BytesIO(value))
+    elif isinstance(value, (str, os.PathLike)):
+        path = os.fspath(value)
+        if image_root is not None and not os.path.isabs(path) and not os.path.exists(path):
+            path = os.path.join(image_root, path)
+        image = Image.open(path)
+    elif isinstance(value, Image.Image):
+        image = value
+    else:
+        raise TypeError(f"unsupported image value of type {type(value).__name__}")
+    image.load()
+    return image.convert("RGB")
+
+
+def apply_prompt(prompt: str | None, text: str | None) -> str:
+    """A prompt is a format string with `{text}`, or a prefix to the text."""
+    text = text or ""
+    if not prompt:
+        return text
+    return prompt.format(text=text) if "{text}" in prompt else prompt + text
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+class ContrastiveCollator:
+    """Rows of a `MultiTaskDataset` -> `{"queries": [chunk, ...], "documents": [chunk, ...]}` of processor batches.
+
+    Documents are the positives (row order) followed by the hard negatives, at most `num_hard_negatives` per row
+    (drawn at random when a row has more). Each side is cut into chunks of `chunk_size` inputs (one chunk when
+    `chunk_size` is None), each a separately padded processor batch; a chunk without images has no pixel tensors.
+    A row whose image cannot be read is skipped with a warning naming its task, row and field
+    (`skipped_rows` counts them per task).
+    """
+
+    def __init__(
+        self,
+        processor,
+        tasks: Sequence[TaskSpec],
+        num_hard_negatives: int = 2,
+        max_length: int | None = None,
+        chunk_size: int | None = None,
+    ):
+        self.processor = processor
+        self.tasks = list(tasks)
+        self.num_hard_negatives = num_hard_negatives
+        self.max_length = max_length
+        self.chunk_size = chunk_size
+        self.skipped_rows = Counter()
+
+    def _side(self, row: dict, text_field: str, image_field: str, prompt: str | None, image_root: str | None):
+        text, images = row.get(text_field), [load_image(v, image_root) for v in _as_list(row.get(image_field))]
+        return apply_prompt(prompt, text), images
+
+    def _negatives(self, row: dict) -> list[tuple[str | None, object]]:
+        texts, images = _as_list(row.get("neg_text")), _as_list(row.get("neg_image"))
+        pairs = [
+            (texts[i] if i < len(texts) else None, images[i] if i < len(images) else None)
+            for i in range(max(len(texts), len(images)))
+        ]
+        pairs = [pair for pair in pairs if _present(pair[0]) or _present(pair[1])]
+        if len(pairs) > self.num_hard_negatives:
+            pairs = random.sample(pairs, self.num_hard_negatives)
+        return pairs
+
+    def _encode(self, inputs: list[tuple[str, list]]) -> list[dict]:
+        size = self.chunk_size or len(inputs)
+        chunks = []
+        for start in range(0, len(inputs), size):
+            texts = [text for text, _ in inputs[start : start + size]]
+            images = [images for _, images in inputs[start : start + size]]
+            batch = self.processor(
+                text=texts,
+                images=images if any(images) else None,
+                padding=True,
+                truncation=self.max_length is not None,
+                max_length=self.max_length,
+                return_tensors="pt",
+            )
+            chunks.append(dict(batch))
+        return chunks
+
+    def __call__(self, rows: list[dict]) -> dict:
+        queries, positives, negatives = [], [], []
+        for row in rows:
+            task = self.tasks[row["task"]]
+            field = None
+            try:
+                field = "query_image"
+                query = self._side(row, "query_text", "query_image", task.query_prompt, task.image_root)
+                field = "pos_image"
+                positive = self._side(row, "pos_text", "pos_image", task.document_prompt, task.image_root)
+                field = "neg_image"
+                row_negatives = [
+                    (apply_prompt(task.document_prompt, text), [load_image(v, task.image_root) for v in _as_list(image)])
+                    for text, image in self._negatives(row)
+                ]
+            except Exception as error:  # any decoding failure: PIL raises many different types
+                self.skipped_rows[task.name] += 1
+                logger.warning(
+                    f"skipped row {row['row']} of task {task.name!r}: unreadable {field} ({type(error).__name__}: "
+                    f"{error}); {self.skipped_rows[task.name]} rows of this task skipped so far"
+                )
+                continue
+            queries.append(query)
+            positives.append(positive)
+            negatives += row_negatives
+        if not queries:
+            names = sorted({self.tasks[row["task"]].name for row in rows})
+            raise ValueError(f"every row of a batch of {len(rows)} rows from {names} is unusable (see warnings)")
+        return {"queries": self._encode(queries), "documents": self._encode(positives + negatives)}

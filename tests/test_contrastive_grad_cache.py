@@ -1,0 +1,94 @@
+import contextlib
+
+import torch
+from torch import nn
+
+from moca.contrastive import contrastive_loss, grad_cache_step
+
+
+class TinyEncoder(nn.Module):
+    """Stand-in for MoCaModel: token embeddings -> dropout -> linear -> mean over non-padding tokens."""
+
+    def __init__(self, vocab=50, hidden=16, dropout=0.0):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, hidden)
+        self.dropout = nn.Dropout(dropout)
+        self.proj = nn.Linear(hidden, hidden)
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.proj(self.dropout(self.embed(input_ids)))
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1)
+
+
+def make_batch(rows, generator):
+    lengths = torch.randint(2, 7, (rows,), generator=generator)
+    input_ids = torch.randint(1, 50, (rows, 7), generator=generator)
+    attention_mask = (torch.arange(7) < lengths[:, None]).long()
+    return {"input_ids": input_ids * attention_mask, "attention_mask": attention_mask}
+
+
+def chunked(batch, size):
+    rows = batch["input_ids"].shape[0]
+    return [{k: v[i : i + size] for k, v in batch.items()} for i in range(0, rows, size)]
+
+
+def grads(model):
+    return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+# fp32 throughout; the two computations differ only in summation order.
+ATOL, RTOL = 1e-5, 1e-4
+
+
+def test_grad_cache_equals_full_batch_loss_and_gradients():
+    torch.manual_seed(0)
+    model = TinyEncoder()
+    generator = torch.Generator().manual_seed(1)
+    queries, documents = make_batch(10, generator), make_batch(30, generator)  # 2 hard negatives per query
+
+    def loss_fn(q, d):
+        return contrastive_loss(q, d, temperature=0.05)
+
+    reference = loss_fn(model(**queries), model(**documents))
+    reference.backward()
+    expected = grads(model)
+    model.zero_grad()
+
+    loss = grad_cache_step(lambda chunk: model(**chunk), chunked(queries, 3), chunked(documents, 4), loss_fn)
+    torch.testing.assert_close(loss, reference.detach(), atol=ATOL, rtol=RTOL)
+    for name, grad in grads(model).items():
+        torch.testing.assert_close(grad, expected[name], atol=ATOL, rtol=RTOL, msg=name)
+
+
+def test_grad_cache_replays_dropout_and_syncs_only_on_the_last_chunk():
+    model = TinyEncoder(dropout=0.3).train()
+    generator = torch.Generator().manual_seed(2)
+    queries, documents = make_batch(6, generator), make_batch(12, generator)
+    query_chunks, document_chunks = chunked(queries, 2), chunked(documents, 4)
+
+    def loss_fn(q, d):
+        return contrastive_loss(q, d, temperature=0.05, matryoshka_dims=[16, 8])
+
+    # The plain computation that draws the same dropout masks: the chunks encoded in order, all in one graph.
+    torch.manual_seed(3)
+    embeddings = [model(**chunk) for chunk in [*query_chunks, *document_chunks]]
+    reference = loss_fn(torch.cat(embeddings[:3]), torch.cat(embeddings[3:]))
+    reference.backward()
+    expected = grads(model)
+    model.zero_grad()
+
+    unsynced = []
+
+    @contextlib.contextmanager
+    def no_sync():
+        unsynced.append(True)
+        yield
+
+    torch.manual_seed(3)
+    loss = grad_cache_step(lambda chunk: model(**chunk), query_chunks, document_chunks, loss_fn, no_sync=no_sync)
+    torch.testing.assert_close(loss, reference.detach(), atol=ATOL, rtol=RTOL)
+    for name, grad in grads(model).items():
+        torch.testing.assert_close(grad, expected[name], atol=ATOL, rtol=RTOL, msg=name)
+    assert len(unsynced) == len(query_chunks) + len(document_chunks) - 1
+

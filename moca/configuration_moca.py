@@ -1,0 +1,95 @@
+"""MoCa configuration: a vision-language backbone turned into a bidirectional embedding model."""
+
+import copy
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+
+SUPPORTED_BACKBONES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl")
+POOLING_MODES = ("mean", "last")
+
+# Prompts of the original MoCa release. `{text}` is replaced by the input text; `<image>` marks where an
+# image goes (an input with an image but no placeholder gets the image first).
+DEFAULT_QUERY_PROMPT = "Find me an everyday image that matches the given caption: {text}\n"
+DEFAULT_DOCUMENT_PROMPT = "{text}"
+DEFAULT_IMAGE_PROMPT = "Represent the given image.\n"
+
+
+class MoCaConfig(PreTrainedConfig):
+    r"""
+    Configuration of a MoCa embedding model.
+
+    Args:
+        vlm_config (`dict` or `PreTrainedConfig`, *optional*):
+            Config of the vision-language backbone (Qwen2.5-VL, Qwen2-VL or Qwen3-VL). Defaults to Qwen2.5-VL.
+        pooling (`str`, *optional*):
+            `"mean"` over non-padding tokens or `"last"` (last non-padding token). Defaults to `"mean"` for a
+            bidirectional model and `"last"` for a causal one.
+        normalize (`bool`, defaults to `True`):
+            L2-normalise the pooled embedding, so that dot product equals cosine similarity.
+        bidirectional (`bool`, defaults to `True`):
+            Every token attends to every other non-padding token. `False` keeps the backbone causal.
+        matryoshka_dims (`list[int]`, *optional*):
+            Embedding sizes the model was trained to be truncated to (Matryoshka representation learning).
+        query_prompt / document_prompt (`str`, *optional*):
+            Format strings with `{text}` used by `encode_queries` / `encode_documents`.
+        image_prompt (`str`):
+            Text used for an input made of images only.
+    """
+
+    model_type = "moca"
+    sub_configs_defaults = {"vlm_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen2_5_vl")}
+
+    vlm_config: dict | PreTrainedConfig | None = None
+    pooling: str | None = None
+    normalize: bool = True
+    bidirectional: bool = True
+    matryoshka_dims: list[int] | None = None
+    query_prompt: str | None = DEFAULT_QUERY_PROMPT
+    document_prompt: str | None = DEFAULT_DOCUMENT_PROMPT
+    image_prompt: str = DEFAULT_IMAGE_PROMPT
+
+    def __post_init__(self, **kwargs):
+        if isinstance(self.vlm_config, PreTrainedConfig):
+            # `is_causal` is written into the backbone config below: never mutate the caller's object.
+            self.vlm_config = copy.deepcopy(self.vlm_config)
+        super().__post_init__(**kwargs)
+        if self.vlm_config.model_type not in SUPPORTED_BACKBONES:
+            raise ValueError(
+                f"Unsupported backbone type {self.vlm_config.model_type!r}: MoCa supports {', '.join(SUPPORTED_BACKBONES)}."
+            )
+        if self.pooling is None:
+            self.pooling = "mean" if self.bidirectional else "last"
+        if self.pooling not in POOLING_MODES:
+            raise ValueError(f"pooling must be one of {POOLING_MODES}, got {self.pooling!r}.")
+        if self.matryoshka_dims is not None:
+            hidden_size = self.hidden_size
+            bad = [d for d in self.matryoshka_dims if not 0 < d <= hidden_size]
+            if bad:
+                raise ValueError(f"matryoshka_dims {bad} are outside 1..{hidden_size} (the hidden size).")
+            self.matryoshka_dims = sorted(set(self.matryoshka_dims), reverse=True)
+        # The attention mask builders of transformers read `is_causal` from the text config: False gives a
+        # padding-only mask and `is_causal=False` for eager, sdpa and flash attention alike. Setting it on the
+        # attention modules alone is silently causal with sdpa when a batch has no padding.
+        self.vlm_config.get_text_config().is_causal = not self.bidirectional
+
+    @property
+    def hidden_size(self) -> int:
+        return self.vlm_config.get_text_config().hidden_size
+
+    @property
+    def image_token_id(self) -> int:
+        return self.vlm_config.image_token_id
+
+    @property
+    def video_token_id(self) -> int:
+        return self.vlm_config.video_token_id
+
+
+MoCaConfig.register_for_auto_class()
+
+__all__ = ["MoCaConfig"]
+# Known to the Auto classes wherever this module is imported, so that loading a MoCa checkpoint's
+# tokenizer or processor does not fall back to a generic config.
+AutoConfig.register("moca", MoCaConfig, exist_ok=True)

@@ -1,0 +1,225 @@
+"""MoCaProcessor: text, images and interleaved text+image inputs -> inputs of a MoCa model."""
+
+import re
+from collections.abc import Sequence
+
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature, ProcessorMixin
+
+
+IMAGE_PLACEHOLDER = "<image>"
+# Accepted image markers: our own placeholder, MMEB's numbered markers, and the backbone's own tokens
+# (with or without the vision start/end tokens around them).
+_PLACEHOLDER_PATTERN = re.compile(
+    r"<\|vision_start\|>(?:<\|image_pad\|>)+<\|vision_end\|>|<\|image_pad\|>|<\|image_\d+\|>|<image>"
+)
+
+
+def format_prompt(prompt: str | None, text: str | None) -> str:
+    """Apply an instruction prompt: `{text}` is replaced by the text; a prompt without it is a prefix."""
+    text = text or ""
+    if prompt is None:
+        return text
+    if "{text}" in prompt:
+        return prompt.replace("{text}", text)
+    return prompt + text
+
+
+def count_image_placeholders(text: str) -> int:
+    return len(_PLACEHOLDER_PATTERN.findall(text))
+
+
+class MoCaProcessor(ProcessorMixin):
+    r"""
+    Wraps a Qwen-VL image processor and tokenizer into one processor for embedding inputs.
+
+    Unlike the Qwen-VL processors it needs no video processor, so it works with and without torchvision, and
+    it returns `mm_token_type_ids`, which the backbone needs for its 3D (M-RoPE) positions.
+
+    Images are placed where the text has a placeholder: `<image>`, MMEB's `<|image_1|>`, or the backbone's
+    own `<|vision_start|><|image_pad|><|vision_end|>`; an input with images but no placeholder gets its images
+    first. Truncation to `max_length` never cuts through an image: an image that does not fit is dropped
+    whole, with its pixels.
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, **kwargs):
+        super().__init__(image_processor, tokenizer, **kwargs)
+        self.image_token = "<|image_pad|>"
+        self.vision_start_token = "<|vision_start|>"
+        self.vision_end_token = "<|vision_end|>"
+        self.video_token = "<|video_pad|>"
+        self.mask_token = "<|mask|>"
+        vocab = tokenizer.get_vocab()
+        missing = [t for t in (self.image_token, self.vision_start_token, self.vision_end_token) if t not in vocab]
+        if missing:
+            raise ValueError(f"The tokenizer lacks the vision tokens {missing}; is this a Qwen-VL tokenizer?")
+        self.image_token_id = vocab[self.image_token]
+        self.vision_start_token_id = vocab[self.vision_start_token]
+        self.vision_end_token_id = vocab[self.vision_end_token]
+        self.video_token_id = vocab.get(self.video_token)
+        self.mask_token_id = vocab.get(self.mask_token)
+
+    @classmethod
+    def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
+        # The parts are stock transformers classes. Loading them through the generic path would follow the
+        # remote-code `auto_map` that saving writes next to them and ask again whether to trust it.
+        kwargs.pop("trust_remote_code", None)
+        image_processor = AutoImageProcessor.from_pretrained(pretrained_model_name_or_path, trust_remote_code=False, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, trust_remote_code=False, **kwargs)
+        return [image_processor, tokenizer]
+
+    @property
+    def merge_size(self) -> int:
+        return self.image_processor.merge_size
+
+    def num_image_tokens(self, image_grid_thw: torch.Tensor) -> list[int]:
+        return (image_grid_thw.prod(-1) // self.merge_size**2).tolist()
+
+    def __call__(
+        self,
+        text: str | Sequence[str] | None = None,
+        images=None,
+        padding: bool | str = True,
+        truncation: bool = False,
+        max_length: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        padding_side: str | None = None,
+        return_tensors: str | None = "pt",
+        **kwargs,
+    ) -> BatchFeature:
+        """
+        Args:
+            text: one string or a list of strings, with image placeholders.
+            images: `None`, one list of images per text, or a flat list of images in text order (the
+                placeholders say which text each belongs to).
+        Returns:
+            `BatchFeature` with `input_ids`, `attention_mask`, `mm_token_type_ids` and, when any image is
+            present, `pixel_values` and `image_grid_thw`.
+        """
+        if text is None:
+            raise ValueError("MoCaProcessor needs `text` (use an empty string or a placeholder for image-only inputs).")
+        texts = [text] if isinstance(text, str) else list(text)
+        if not texts:
+            raise ValueError("Empty batch: no text was given.")
+        per_sample_images = self._images_per_sample(texts, images)
+
+        expanded, flat_images = [], []
+        for i, (sample_text, sample_images) in enumerate(zip(texts, per_sample_images)):
+            if not isinstance(sample_text, str):
+                raise ValueError(f"Sample {i}: text must be a string, got {type(sample_text).__name__}.")
+            n_placeholders = count_image_placeholders(sample_text)
+            if n_placeholders == 0 and sample_images:
+                sample_text = IMAGE_PLACEHOLDER * len(sample_images) + sample_text
+                n_placeholders = len(sample_images)
+            if n_placeholders != len(sample_images):
+                raise ValueError(
+                    f"Sample {i}: the text has {n_placeholders} image placeholder(s) but {len(sample_images)} "
+                    f"image(s) were given."
+                )
+            if not sample_text and not sample_images:
+                raise ValueError(f"Sample {i}: empty input (no text and no image).")
+            flat_images.extend(sample_images)
+            expanded.append(sample_text)
+
+        image_inputs, tokens_per_image, patches_per_image = {}, [], []
+        if flat_images:
+            image_inputs = dict(self.image_processor(images=flat_images, return_tensors="pt"))
+            tokens_per_image = self.num_image_tokens(image_inputs["image_grid_thw"])
+            patches_per_image = image_inputs["image_grid_thw"].prod(-1).tolist()
+
+        image_index = 0
+        for i, sample_text in enumerate(expanded):
+            pieces = _PLACEHOLDER_PATTERN.split(sample_text)
+            out = pieces[0]
+            for piece in pieces[1:]:
+                out += self.vision_start_token + self.image_token * tokens_per_image[image_index] + self.vision_end_token + piece
+                image_index += 1
+            expanded[i] = out
+
+        encoded = self.tokenizer(expanded, add_special_tokens=True)["input_ids"]
+        keep_image = [True] * len(flat_images)
+        if truncation and max_length is not None:
+            encoded, keep_image = self._truncate(encoded, max_length)
+
+        data = self._pad(encoded, padding, max_length if padding == "max_length" else None, pad_to_multiple_of, padding_side)
+        if flat_images and any(keep_image):
+            pixel_values = torch.split(image_inputs["pixel_values"], patches_per_image)
+            data["pixel_values"] = torch.cat([p for p, keep in zip(pixel_values, keep_image) if keep])
+            data["image_grid_thw"] = image_inputs["image_grid_thw"][torch.tensor(keep_image)]
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _images_per_sample(self, texts: list[str], images) -> list[list]:
+        if images is None:
+            return [[] for _ in texts]
+        if isinstance(images, (Image.Image, str)) or not isinstance(images, Sequence):
+            images = [images]
+        images = list(images)
+        nested = len(images) == len(texts) and all(isinstance(x, (list, tuple)) or x is None for x in images)
+        if nested:
+            return [list(x) if x is not None else [] for x in images]
+        # A flat list: hand out images to texts in order of their placeholders.
+        counts = [count_image_placeholders(t) if isinstance(t, str) else 0 for t in texts]
+        if sum(counts) == 0 and len(texts) == 1:
+            return [images]
+        if sum(counts) != len(images):
+            raise ValueError(
+                f"The texts have {sum(counts)} image placeholder(s) in all but {len(images)} image(s) were given "
+                f"as a flat list; pass one list of images per text to attach images without placeholders."
+            )
+        per_sample, start = [], 0
+        for count in counts:
+            per_sample.append(images[start : start + count])
+            start += count
+        return per_sample
+
+    def _truncate(self, encoded: list[list[int]], max_length: int):
+        """Cut each sequence to `max_length` tokens, moving the cut before any image it would split."""
+        keep_image, truncated = [], []
+        for ids in encoded:
+            cut = min(len(ids), max_length)
+            starts = [j for j, t in enumerate(ids) if t == self.vision_start_token_id]
+            ends = [j for j, t in enumerate(ids) if t == self.vision_end_token_id]
+            for start, end in zip(starts, ends):
+                if start < cut <= end:
+                    cut = start
+                keep_image.append(end < cut)
+            truncated.append(ids[:cut])
+        return truncated, keep_image
+
+    def _pad(self, encoded, padding, max_length, pad_to_multiple_of, padding_side) -> dict:
+        padding_side = padding_side or self.tokenizer.padding_side
+        lengths = [len(ids) for ids in encoded]
+        if padding is False or padding == "do_not_pad":
+            if len(set(lengths)) > 1:
+                raise ValueError("Inputs have different lengths: pass padding=True to batch them.")
+        target = max(lengths) if max_length is None else max(max_length, max(lengths))
+        if pad_to_multiple_of:
+            target = -(-target // pad_to_multiple_of) * pad_to_multiple_of
+        pad_id = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(encoded), target), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(encoded), target), dtype=torch.long)
+        for i, ids in enumerate(encoded):
+            span = slice(0, len(ids)) if padding_side == "right" else slice(target - len(ids), target)
+            input_ids[i, span] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[i, span] = 1
+        mm_token_type_ids = torch.zeros_like(input_ids)
+        mm_token_type_ids[input_ids == self.image_token_id] = 1
+        if self.video_token_id is not None:
+            mm_token_type_ids[input_ids == self.video_token_id] = 2
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": mm_token_type_ids}
+
+    def batch_decode(self, *args, **kwargs):
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        return self.tokenizer.decode(*args, **kwargs)
+
+    @property
+    def model_input_names(self):
+        return ["input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw"]
+
+
+MoCaProcessor.register_for_auto_class("AutoProcessor")
+
+__all__ = ["MoCaProcessor", "format_prompt", "count_image_placeholders", "IMAGE_PLACEHOLDER"]

@@ -1,0 +1,177 @@
+"""Model loading and cached, resumable, multi-process encoding shared by the benchmarks."""
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import gather
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+KEY_BYTES = 16
+
+
+def load_model(name_or_path: str, dtype: str | None = None, device: str | torch.device | None = None):
+    """Load a MoCa checkpoint (local folder or Hub name) through its remote code, in eval mode.
+
+    `dtype` defaults to bfloat16 on an accelerator and float32 on CPU; `device` to this process's device
+    (one accelerator per process under `accelerate launch`).
+    """
+    from transformers import AutoModel
+
+    device = torch.device(device) if device is not None else PartialState().device
+    if dtype is None:
+        dtype = "float32" if device.type == "cpu" else "bfloat16"
+    model = AutoModel.from_pretrained(name_or_path, trust_remote_code=True, dtype=getattr(torch, dtype))
+    return model.to(device).eval()
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A short hash that changes when the model's config, processor settings or weights change.
+
+    Hashing every weight of a 7B model would take seconds per run, so each tensor contributes its name, shape,
+    dtype and its first and last 256 values: any training step changes those.
+    """
+    digest = hashlib.blake2b(digest_size=8)
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_json_string"):
+        settings = json.loads(config.to_json_string(use_diff=False))
+        for where_it_came_from in ("_name_or_path", "architectures", "auto_map", "transformers_version"):
+            settings.pop(where_it_came_from, None)  # a moved or re-saved checkpoint embeds the same way
+        digest.update(json.dumps(settings, sort_keys=True).encode())
+    image_processor = getattr(getattr(model, "processor", None), "image_processor", None)
+    if image_processor is not None and hasattr(image_processor, "to_json_string"):
+        digest.update(image_processor.to_json_string().encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        sample = torch.cat([flat[:256], flat[-256:]]).cpu().contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(sample.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def content_key(kind: str, *parts: str | bytes) -> bytes:
+    """Identity of one input: what it is (`kind` names the prompt applied) and its content."""
+    digest = hashlib.blake2b(kind.encode(), digest_size=KEY_BYTES)
+    for part in parts:
+        digest.update(b"\x00")
+        digest.update(part if isinstance(part, bytes) else part.encode())
+    return digest.digest()
+
+
+def file_identity(path: Path) -> str:
+    """Identity of an image file without reading it: its path, size and modification time."""
+    stat = path.stat()
+    return f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
+
+
+class EmbeddingCache:
+    """Embeddings on disk, one folder of safetensors shards per namespace, keyed by content hashes.
+
+    A shard holds `keys` (n, 16) uint8 and `embeddings` (n, d) float32. Shards are written whole (to a temporary
+    name, then renamed) as encoding proceeds, so a killed run loses at most the shard in progress.
+    """
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+
+    def _folder(self, namespace: str) -> Path:
+        return self.directory / namespace.replace("/", "__")
+
+    def load(self, namespace: str) -> dict[bytes, torch.Tensor]:
+        found = {}
+        for shard in sorted(self._folder(namespace).glob("shard-*.safetensors")):
+            tensors = load_file(shard)
+            for key, embedding in zip(tensors["keys"].numpy(), tensors["embeddings"]):
+                found[key.tobytes()] = embedding
+        return found
+
+    def save(self, namespace: str, keys: Sequence[bytes], embeddings: torch.Tensor) -> None:
+        folder = self._folder(namespace)
+        folder.mkdir(parents=True, exist_ok=True)
+        index = len(list(folder.glob("shard-*.safetensors")))
+        path = folder / f"shard-{index:06d}.safetensors"
+        temporary = path.with_suffix(".tmp")
+        key_tensor = torch.frombuffer(bytearray(b"".join(keys)), dtype=torch.uint8).reshape(len(keys), KEY_BYTES)
+        save_file({"keys": key_tensor, "embeddings": embeddings.float().contiguous()}, temporary)
+        os.replace(temporary, path)
+
+
+def _encode_split(
+    items: list[Any],
+    encode_fn: Callable[[list[Any]], torch.Tensor],
+    load_fn: Callable[[Any], Any],
+    batch_size: int,
+    progress: tqdm,
+) -> torch.Tensor:
+    """Encode this process's share of `items`; return all processes' embeddings in `items` order."""
+    state = PartialState()
+    with state.split_between_processes(items, apply_padding=True) as share:
+        parts = []
+        for start in range(0, len(share), batch_size):
+            batch = [load_fn(item) for item in share[start : start + batch_size]]
+            parts.append(encode_fn(batch).float().cpu())
+            # Every process encodes one batch at a time; the padding rows make the last step count less.
+            progress.update(min(len(batch) * state.num_processes, progress.total - progress.n))
+        local = torch.cat(parts)
+    if state.num_processes == 1:
+        return local
+    # `apply_padding` gives every process the same number of rows (the last item repeated), which `gather`
+    # needs; the padding rows are dropped here, with the split rule of `split_between_processes`.
+    gathered = gather(local.to(state.device)).cpu().reshape(state.num_processes, len(local), -1)
+    per_process, extra = divmod(len(items), state.num_processes)
+    real_rows = [per_process + (1 if rank < extra else 0) for rank in range(state.num_processes)]
+    return torch.cat([gathered[rank, :rows] for rank, rows in enumerate(real_rows)])
+
+
+def encode_with_cache(
+    items: Sequence[Any],
+    keys: Sequence[bytes],
+    encode_fn: Callable[[list[Any]], torch.Tensor],
+    *,
+    cache: EmbeddingCache | None,
+    namespace: str,
+    load_fn: Callable[[Any], Any] = lambda item: item,
+    batch_size: int = 16,
+    shard_size: int = 512,
+    description: str = "encoding",
+) -> torch.Tensor:
+    """Embeddings of `items` (one row per item, in order), encoding each distinct key once.
+
+    Keys found in the cache are not encoded again. The rest is encoded in shards of `shard_size` items, split
+    between the processes of an `accelerate launch`, gathered, and written to the cache by the main process.
+    `load_fn` turns an item into a model input right before its batch is encoded, so that large inputs (page
+    images) are never all in memory. Every process returns the full result.
+    """
+    if len(items) != len(keys):
+        raise ValueError(f"{len(items)} items but {len(keys)} keys")
+    state = PartialState()
+    # Every process must see the same cache (the main process may still be writing the previous shard).
+    state.wait_for_everyone()
+    known = cache.load(namespace) if cache is not None else {}
+    first_item_of_key = {}
+    for item, key in zip(items, keys):
+        first_item_of_key.setdefault(key, item)
+    missing = [key for key in first_item_of_key if key not in known]
+    if missing:
+        logger.info("%s: %d of %d distinct inputs to encode", namespace, len(missing), len(first_item_of_key))
+    with tqdm(total=len(missing), desc=description, disable=not state.is_main_process or not missing) as progress:
+        for start in range(0, len(missing), shard_size):
+            shard_keys = missing[start : start + shard_size]
+            embeddings = _encode_split(
+                [first_item_of_key[key] for key in shard_keys], encode_fn, load_fn, batch_size, progress
+            )
+            if cache is not None and state.is_main_process:
+                cache.save(namespace, shard_keys, embeddings)
+            known.update(zip(shard_keys, embeddings))
+    if not keys:
+        return torch.empty(0, 0)
+    return torch.stack([known[key] for key in keys])

@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .configuration_moca import MoCaConfig
-from .processing_moca import MoCaProcessor, format_prompt
+from .processing_moca import MoCaProcessor, count_image_placeholders, format_prompt
 
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -228,6 +228,12 @@ class MoCaModel(MoCaPreTrainedModel):
         if not items:
             return torch.empty(0, truncate_dim or self.config.hidden_size)
         texts = [self._input_text(text, images, prompt) for text, images in items]
+        for i, (text, (_, images)) in enumerate(zip(texts, items)):
+            n_placeholders = count_image_placeholders(text)
+            if n_placeholders and n_placeholders != len(images):
+                raise ValueError(
+                    f"Input {i}: the text has {n_placeholders} image placeholder(s) but {len(images)} image(s) were given."
+                )
         costs = [len(t) / 4 + sum(_image_cost(img, processor) for img in images) for t, (_, images) in zip(texts, items)]
         order = sorted(range(len(items)), key=lambda i: -costs[i])
 

@@ -1,0 +1,45 @@
+"""Convert a checkpoint of the original MoCa release into a MoCa checkpoint.
+
+The original release saves its models with a subclass of Qwen2.5-VL (`Qwen2_5ForEmbedding`,
+`model_type: qwen2_5_vl`, transformers 4.x key names `model.layers.*`, `visual.*`, `lm_head.*`). Its weights
+are a plain Qwen2.5-VL backbone, so the conversion loads them as one (transformers maps the legacy key
+names), checks that every backbone weight was found, and saves a MoCa checkpoint with remote code and
+processor. The released models embed with bidirectional attention and mean pooling, the defaults here.
+
+    python scripts/convert_original_checkpoint.py --input DIR_OR_HUB_NAME --output DIR
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+from moca import MoCaModel
+
+
+def convert(input_path: str, output_dir: str, dtype: str = "auto") -> MoCaModel:
+    config_file = Path(input_path) / "config.json"
+    if config_file.is_file():
+        config = json.loads(config_file.read_text())
+        if config.get("model_type") not in ("qwen2_5_vl", "qwen2_vl"):
+            raise ValueError(
+                f"{input_path}: model_type {config.get('model_type')!r} is not a checkpoint of the original MoCa "
+                f"release (expected qwen2_5_vl, architectures ['Qwen2_5ForEmbedding'])."
+            )
+    model = MoCaModel.from_backbone(input_path, dtype=dtype)
+    model.config.architectures = ["MoCaModel"]
+    model.save_pretrained(output_dir)
+    return model
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", required=True, help="folder or Hub name of an original MoCa checkpoint")
+    parser.add_argument("--output", required=True, help="folder to write the MoCa checkpoint to")
+    parser.add_argument("--dtype", default="auto", help="auto (keep the stored dtype), float32 or bfloat16")
+    args = parser.parse_args()
+    convert(args.input, args.output, args.dtype)
+    print(f"wrote a MoCa checkpoint to {args.output}")
+
+
+if __name__ == "__main__":
+    main()

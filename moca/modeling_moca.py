@@ -349,4 +349,286 @@ def _progress(iterable: Iterable, show: bool | None, default: bool):
 MoCaModel.register_for_auto_class("AutoModel")
 AutoModel.register(MoCaConfig, MoCaModel, exist_ok=True)
 
-__all__ = ["MoCaModel", "MoCaModelOutput", "MoCaPreTrainedModel", "pool"]
+__all__ = [
+    "MoCaModel", "MoCaModelOutput", "MoCaPreTrainedModel", "pool",
+    "MoCaForContinualPretraining", "MoCaContinualPretrainingOutput", "masked_lm_loss", "masked_patch_loss",
+]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Continual pre-training (stage 1): masked language modelling + masked patch reconstruction
+# ---------------------------------------------------------------------------------------------------------------
+
+import json  # noqa: E402
+import logging  # noqa: E402
+
+from safetensors import safe_open  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.checkpoint import checkpoint  # noqa: E402
+from transformers.masking_utils import create_bidirectional_mask  # noqa: E402
+from transformers.utils import cached_file  # noqa: E402
+
+
+_logger = logging.getLogger(__name__)
+
+CPT_HEADS_FILE = "cpt_heads.safetensors"
+
+
+def masked_lm_loss(hidden_states: torch.Tensor, labels: torch.Tensor, head_weight: torch.Tensor,
+                   chunk_size: int = 4096) -> torch.Tensor:
+    """Mean cross-entropy over the positions where `labels != -100`, never holding full-vocabulary logits for
+    every token: the masked positions are gathered first (`(N, hidden)`), then projected `chunk_size` rows at a
+    time. Each chunk runs under `torch.utils.checkpoint`, so its `(chunk_size, vocab)` logits are freed after
+    the forward and recomputed in the backward: peak memory holds one chunk's logits in both passes, while
+    autograd's own cross-entropy gradient keeps the result exact (a hand-written autograd function would save
+    nothing more and have to re-derive that gradient).
+    """
+    positions = labels.ne(-100)
+    hidden = hidden_states[positions]
+    targets = labels[positions]
+    if hidden.shape[0] == 0:
+        return hidden_states.sum() * 0.0  # keeps the graph connected when nothing was masked
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk_size):
+        chunk = (hidden[start : start + chunk_size], head_weight, targets[start : start + chunk_size])
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_summed_cross_entropy, *chunk, use_reentrant=False)
+        else:
+            total = total + _summed_cross_entropy(*chunk)
+    return total / hidden.shape[0]
+
+
+def _summed_cross_entropy(hidden: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = F.linear(hidden, head_weight).float()
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def masked_patch_loss(predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the masked patches (every patch has the same number of values)."""
+    return F.mse_loss(predictions.float(), targets.float())
+
+
+@dataclass
+class MoCaContinualPretrainingOutput(ModelOutput):
+    """
+    Args:
+        loss (`torch.FloatTensor`): `mlm_loss + mae_loss_weight * mae_loss` (terms that are absent count 0).
+        mlm_loss (`torch.FloatTensor`, *optional*): cross-entropy at masked text positions.
+        mae_loss (`torch.FloatTensor`, *optional*): mean squared error of the masked patches; `None` when the
+            batch has no masked visual token.
+        last_hidden_state (`torch.FloatTensor`): the backbone's final hidden states.
+    """
+
+    loss: torch.FloatTensor | None = None
+    mlm_loss: torch.FloatTensor | None = None
+    mae_loss: torch.FloatTensor | None = None
+    last_hidden_state: torch.FloatTensor | None = None
+
+
+class MoCaForContinualPretraining(MoCaPreTrainedModel):
+    """A bidirectional MoCa backbone with the heads of modality-aware continual pre-training.
+
+    - MLM head: the VLM's `lm_head` (the input embeddings when the VLM ties them, as Qwen2.5-VL-3B does);
+      cross-entropy at masked text positions only, see `masked_lm_loss`.
+    - MAE decoder: one bidirectional decoder layer, initialised from the backbone's middle layer, over the
+      whole sequence, then `Linear(hidden, merge**2 * patch_dim)` predicting the normalised pixels of each
+      masked merged visual token; mean squared error over the masked patches.
+
+    `save_pretrained` writes a plain MoCa embedding checkpoint (loadable with `AutoModel` and remote code) plus
+    `cpt_heads.safetensors`, which `from_pretrained` reads back to resume training.
+    """
+
+    def __init__(self, config, moca: MoCaModel | None = None, mae_loss_weight: float = 0.5):
+        super().__init__(config)
+        if not config.bidirectional:
+            raise ValueError("Continual pre-training reconstructs masked inputs from both sides: use bidirectional=True.")
+        self.moca = moca if moca is not None else MoCaModel(config)
+        self.mae_loss_weight = mae_loss_weight
+        text_config = self.text_model.config
+        vision_config = config.vlm_config.vision_config
+        tied = config.vlm_config.tie_word_embeddings
+        # A tied VLM predicts tokens with its input embeddings: keep it so rather than fork a separate head.
+        self.mlm_head = None if tied else nn.Linear(text_config.hidden_size, text_config.vocab_size, bias=False)
+        layers = self.text_model.layers
+        self.mae_decoder_source_layer = len(layers) // 2
+        self.mae_decoder = type(layers[0])(text_config, layer_idx=self.mae_decoder_source_layer)
+        patch_dim = vision_config.in_channels * vision_config.temporal_patch_size * vision_config.patch_size**2
+        self.patches_per_token = vision_config.spatial_merge_size**2
+        self.mae_head = nn.Linear(text_config.hidden_size, self.patches_per_token * patch_dim)
+        self.to(self.moca.dtype)
+        self.post_init()
+
+    @property
+    def text_model(self) -> nn.Module:
+        return self.moca.vlm.language_model
+
+    @property
+    def processor(self) -> MoCaProcessor | None:
+        return self.moca.processor
+
+    def mlm_head_weight(self) -> torch.Tensor:
+        return self.moca.get_input_embeddings().weight if self.mlm_head is None else self.mlm_head.weight
+
+    def add_mask_token(self) -> MoCaProcessor:
+        """Make sure `<|mask|>` is in the tokenizer and has an embedding row (the Qwen tokenizers lack it).
+        Returns the processor."""
+        processor = self.processor
+        if processor.mask_token_id is None:
+            processor.tokenizer.add_tokens([processor.mask_token], special_tokens=True)
+            processor.mask_token_id = processor.tokenizer.convert_tokens_to_ids(processor.mask_token)
+        num_rows = self.moca.get_input_embeddings().num_embeddings
+        if processor.mask_token_id >= num_rows:
+            new_rows = len(processor.tokenizer)
+            self.moca.resize_token_embeddings(new_rows)
+            if self.mlm_head is not None:
+                head = nn.Linear(self.mlm_head.in_features, new_rows, bias=False).to(self.mlm_head.weight)
+                with torch.no_grad():
+                    head.weight[:num_rows] = self.mlm_head.weight
+                    head.weight[num_rows:] = self.mlm_head.weight.mean(0)
+                self.mlm_head = head
+        return processor
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        mm_token_type_ids: torch.IntTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        pixel_targets: torch.Tensor | None = None,
+        image_token_mask: torch.BoolTensor | None = None,
+    ) -> MoCaContinualPretrainingOutput:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Original token ids at masked text positions, -100 elsewhere.
+        pixel_targets (`torch.FloatTensor` of shape `(num_patches, patch_dim)`, *optional*):
+            Clean processor-normalised pixels, in `pixel_values` order (which holds the noisy ones).
+        image_token_mask (`torch.BoolTensor` of shape `(num_visual_tokens,)`, *optional*):
+            Which merged visual tokens were masked, in the order of the `<|image_pad|>` tokens.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        position_ids = self.moca.compute_position_ids(
+            input_ids, attention_mask, image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_type_ids
+        )
+        hidden_states = self.moca(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pixel_values=pixel_values,
+            image_grid_thw=image_grid_thw,
+            mm_token_type_ids=mm_token_type_ids,
+            position_ids=position_ids,
+        ).last_hidden_state
+
+        loss = hidden_states.sum() * 0.0
+        mlm_loss = mae_loss = None
+        if labels is not None:
+            mlm_loss = masked_lm_loss(hidden_states, labels, self.mlm_head_weight())
+            loss = loss + mlm_loss
+        if image_token_mask is not None and image_token_mask.any():
+            mae_loss = self._masked_patch_loss(
+                hidden_states, input_ids, attention_mask, position_ids, pixel_targets, image_token_mask
+            )
+            loss = loss + self.mae_loss_weight * mae_loss
+        return MoCaContinualPretrainingOutput(
+            loss=loss, mlm_loss=mlm_loss, mae_loss=mae_loss, last_hidden_state=hidden_states
+        )
+
+    def _masked_patch_loss(self, hidden_states, input_ids, attention_mask, position_ids, pixel_targets,
+                           image_token_mask) -> torch.Tensor:
+        # The decoder layer sees what the backbone's layers saw: the same rotary positions and a padding-only
+        # mask; `is_causal=False` matters for sdpa, which is causal by default when the mask is elided.
+        text_config = self.text_model.config
+        position_embeddings = self.text_model.rotary_emb(hidden_states, position_ids)
+        mask = create_bidirectional_mask(config=text_config, inputs_embeds=hidden_states, attention_mask=attention_mask)
+        decoded = self.mae_decoder(
+            hidden_states, attention_mask=mask, position_embeddings=position_embeddings, is_causal=False
+        )
+        visual = decoded[input_ids == self.config.image_token_id]
+        if visual.shape[0] != image_token_mask.shape[0]:
+            raise ValueError(
+                f"image_token_mask covers {image_token_mask.shape[0]} visual tokens but the input has {visual.shape[0]}."
+            )
+        predictions = self.mae_head(visual[image_token_mask])
+        targets = pixel_targets.reshape(image_token_mask.shape[0], -1)[image_token_mask]
+        return masked_patch_loss(predictions, targets)
+
+    # ------------------------------------------------------------------ building, saving, loading
+
+    @classmethod
+    def from_backbone(cls, name_or_path: str, mae_loss_weight: float = 0.5, dtype=None,
+                      attn_implementation: str | None = None, **config_kwargs) -> "MoCaForContinualPretraining":
+        """Fresh CPT model from a causal VLM checkpoint: MLM head from its `lm_head`, MAE decoder from its
+        middle layer, MAE projection random."""
+        moca = MoCaModel.from_backbone(name_or_path, dtype=dtype, attn_implementation=attn_implementation, **config_kwargs)
+        model = cls(moca.config, moca=moca, mae_loss_weight=mae_loss_weight)
+        model.init_heads(lm_head_weight=None if model.mlm_head is None else _read_tensor(name_or_path, "lm_head.weight"))
+        return model
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, mae_loss_weight: float = 0.5, **kwargs):
+        """From a MoCa checkpoint: its CPT heads when it has them (resuming), fresh heads otherwise."""
+        moca = MoCaModel.from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model = cls(moca.config, moca=moca, mae_loss_weight=mae_loss_weight)
+        heads_file = cached_file(pretrained_model_name_or_path, CPT_HEADS_FILE, _raise_exceptions_for_missing_entries=False)
+        if heads_file is not None:
+            model.load_heads(heads_file)
+        else:
+            if model.mlm_head is not None:
+                _logger.warning("%s has no lm_head: the MLM head starts from the input embeddings.", pretrained_model_name_or_path)
+            model.init_heads(lm_head_weight=None if model.mlm_head is None else model.moca.get_input_embeddings().weight)
+        return model
+
+    @torch.no_grad()
+    def init_heads(self, lm_head_weight: torch.Tensor | None = None) -> None:
+        source = self.text_model.layers[self.mae_decoder_source_layer]
+        self.mae_decoder.load_state_dict(source.state_dict())
+        std = getattr(self.text_model.config, "initializer_range", 0.02)
+        self.mae_head.weight.normal_(0.0, std)
+        self.mae_head.bias.zero_()
+        if self.mlm_head is not None:
+            self.mlm_head.weight.copy_(lm_head_weight)
+
+    def heads_state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: tensor for name, tensor in self.state_dict().items() if not name.startswith("moca.")}
+
+    def load_heads(self, heads_file: str) -> None:
+        missing, unexpected = self.load_state_dict(load_file(heads_file), strict=False)
+        missing = [name for name in missing if not name.startswith("moca.")]
+        if missing or unexpected:
+            raise ValueError(f"{heads_file}: missing {missing}, unexpected {unexpected} CPT head weights.")
+
+    def save_pretrained(self, save_directory, is_main_process: bool = True, state_dict=None, **kwargs):
+        """A plain MoCa embedding checkpoint plus `cpt_heads.safetensors` (the heads, to resume)."""
+        self.moca.save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
+        if is_main_process:
+            heads = {name: tensor.detach().contiguous().cpu() for name, tensor in self.heads_state_dict().items()}
+            save_file(heads, f"{save_directory}/{CPT_HEADS_FILE}", metadata={"format": "pt"})
+
+    @torch.no_grad()
+    def load_checkpoint(self, checkpoint_dir: str) -> None:
+        """Load the weights of a checkpoint written by `save_pretrained` into this model (resuming)."""
+        saved = MoCaModel.from_pretrained(checkpoint_dir, dtype=self.moca.dtype)
+        self.moca.load_state_dict(saved.state_dict())
+        self.load_heads(f"{checkpoint_dir}/{CPT_HEADS_FILE}")
+
+
+def _read_tensor(name_or_path: str, key: str) -> torch.Tensor:
+    """One tensor of a (possibly sharded) safetensors checkpoint, without loading the rest."""
+    index_file = cached_file(name_or_path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False)
+    if index_file is not None:
+        with open(index_file) as f:
+            shard = json.load(f)["weight_map"].get(key)
+        if shard is None:
+            raise ValueError(f"{name_or_path}: no {key} in the checkpoint.")
+        weights_file = cached_file(name_or_path, shard)
+    else:
+        weights_file = cached_file(name_or_path, "model.safetensors")
+    with safe_open(weights_file, framework="pt") as f:
+        if key not in f.keys():
+            raise ValueError(f"{name_or_path}: no {key} in the checkpoint.")
+        return f.get_tensor(key)

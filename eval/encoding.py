@@ -10,13 +10,22 @@ from typing import Any
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import gather
+from accelerate.utils import gather, parse_flag_from_env
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
 KEY_BYTES = 16
+
+
+def init_processes() -> PartialState:
+    """Join the processes of an `accelerate launch` or `torchrun` job (one process alone: nothing to join).
+
+    Without an accelerator, accelerate only joins processes when asked to run on CPU, through
+    `ACCELERATE_USE_CPU=1` (e.g. `ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 -m eval.mmeb ...`).
+    """
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
 def load_model(name_or_path: str, dtype: str | None = None, device: str | torch.device | None = None):
@@ -162,7 +171,10 @@ def encode_with_cache(
         first_item_of_key.setdefault(key, item)
     missing = [key for key in first_item_of_key if key not in known]
     if missing:
-        logger.info("%s: %d of %d distinct inputs to encode", namespace, len(missing), len(first_item_of_key))
+        logger.info(
+            "%s: %d of %d distinct inputs to encode, on %d process(es)",
+            namespace, len(missing), len(first_item_of_key), state.num_processes,
+        )
     with tqdm(total=len(missing), desc=description, disable=not state.is_main_process or not missing) as progress:
         for start in range(0, len(missing), shard_size):
             shard_keys = missing[start : start + shard_size]

@@ -1,0 +1,235 @@
+"""ViDoRe-v2 evaluation: retrieving document page images for text queries, scored by nDCG@5.
+
+    python -m eval.vidore --model DIR_OR_NAME --output_dir OUT [--datasets NAME_OR_DIR ...]
+
+A dataset is in the BEIR layout of the ViDoRe benchmark: configs `corpus` (`corpus-id`, `image`), `queries`
+(`query-id`, `query`) and `qrels` (`query-id`, `corpus-id`, `score`), each with a `test` split; a local folder holds
+`corpus/`, `queries/` and `qrels/` subfolders of parquet files. Documents are encoded with the model's document
+prompt, queries with its query prompt; the multilingual sets are scored over all their queries at once.
+"""
+
+import hashlib
+import io
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets as hf_datasets
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import PartialState
+from PIL import Image
+from transformers import HfArgumentParser
+
+from .encoding import EmbeddingCache, content_key, encode_with_cache, init_processes, load_model, model_fingerprint
+from .metrics import load_metric
+from .report import bar_plot, markdown_table, write_results
+
+logger = logging.getLogger(__name__)
+
+# The seven ViDoRe-v2 sets of the benchmark's leaderboard (and of the MoCa paper's table): the Hub datasets tagged
+# with the ViDoRe-v2 paper (arXiv 2505.17166). The `_eng_` sets hold the English queries, the others the same
+# corpora with queries in English, French, German and Spanish; mteb's Vidore2* tasks load the same repositories.
+DEFAULT_DATASETS = (
+    "vidore/esg_reports_v2",
+    "vidore/esg_reports_eng_v2",
+    "vidore/esg_reports_human_labeled_v2",
+    "vidore/biomedical_lectures_v2",
+    "vidore/biomedical_lectures_eng_v2",
+    "vidore/economics_reports_v2",
+    "vidore/economics_reports_eng_v2",
+)
+K_VALUES = (1, 5, 10)
+
+
+class ViDoReDataError(ValueError):
+    """A row of a ViDoRe dataset that cannot be evaluated; the message names dataset, config, row and field."""
+
+
+def load_config(name: str, config: str) -> hf_datasets.Dataset:
+    """One config (`corpus`, `queries`, `qrels`) of a Hub dataset or a local folder, test split."""
+    if Path(name).is_dir():
+        files = sorted(str(path) for path in (Path(name) / config).glob("*.parquet"))
+        if not files:
+            raise ViDoReDataError(f"ViDoRe dataset {name!r}: no parquet file in {Path(name) / config}")
+        return hf_datasets.load_dataset("parquet", data_files=files, split="train")
+    return hf_datasets.load_dataset(name, config, split="test")
+
+
+def _require_columns(name: str, config: str, table: hf_datasets.Dataset, columns: tuple[str, ...]) -> None:
+    absent = [column for column in columns if column not in table.column_names]
+    if absent:
+        raise ViDoReDataError(f"ViDoRe dataset {name!r}, config {config!r}: column(s) {absent} missing (has {table.column_names})")
+
+
+def _page_bytes(name: str, row: int, image) -> bytes:
+    """The encoded image of a corpus row, given as the `datasets` Image struct {bytes, path}."""
+    if isinstance(image, dict) and image.get("bytes"):
+        return image["bytes"]
+    if isinstance(image, dict) and image.get("path") and Path(image["path"]).is_file():
+        return Path(image["path"]).read_bytes()
+    raise ViDoReDataError(f"ViDoRe dataset {name!r}, config 'corpus', row {row}, field 'image': no image bytes or readable path")
+
+
+@dataclass
+class RetrievalData:
+    query_texts: list[str]
+    corpus: hf_datasets.Dataset  # with undecoded images
+    page_keys: list[bytes]
+    relevance: np.ndarray  # (num_queries, num_documents) graded relevance
+
+
+def load_retrieval_data(name: str) -> RetrievalData:
+    corpus = load_config(name, "corpus")
+    queries = load_config(name, "queries")
+    qrels = load_config(name, "qrels")
+    _require_columns(name, "corpus", corpus, ("corpus-id", "image"))
+    _require_columns(name, "queries", queries, ("query-id", "query"))
+    _require_columns(name, "qrels", qrels, ("query-id", "corpus-id", "score"))
+    if isinstance(corpus.features["image"], hf_datasets.Image):
+        corpus = corpus.cast_column("image", hf_datasets.Image(decode=False))
+
+    page_keys = []
+    for row, image in enumerate(corpus["image"]):
+        # Page images are identified by their bytes: a model embeds the same page the same way in any dataset.
+        page_keys.append(content_key("vidore-document", hashlib.blake2b(_page_bytes(name, row, image)).digest()))
+    document_index = {document_id: row for row, document_id in enumerate(corpus["corpus-id"])}
+    query_index = {query_id: row for row, query_id in enumerate(queries["query-id"])}
+    query_texts = queries["query"]
+    for row, text in enumerate(query_texts):
+        if not isinstance(text, str) or not text:
+            raise ViDoReDataError(f"ViDoRe dataset {name!r}, config 'queries', row {row}, field 'query': expected a non-empty string")
+
+    relevance = np.zeros((len(query_texts), len(document_index)), dtype=np.int64)
+    for row, (query_id, document_id, score) in enumerate(zip(qrels["query-id"], qrels["corpus-id"], qrels["score"])):
+        where = f"ViDoRe dataset {name!r}, config 'qrels', row {row}"
+        if query_id not in query_index:
+            raise ViDoReDataError(f"{where}, field 'query-id': {query_id!r} is not in the queries")
+        if document_id not in document_index:
+            raise ViDoReDataError(f"{where}, field 'corpus-id': {document_id!r} is not in the corpus")
+        if not isinstance(score, (int, np.integer)) or score < 0:
+            raise ViDoReDataError(f"{where}, field 'score': expected a non-negative integer, got {score!r}")
+        relevance[query_index[query_id], document_index[document_id]] = score
+    return RetrievalData(query_texts, corpus, page_keys, relevance)
+
+
+def evaluate_vidore(
+    model,
+    output_dir: str | Path,
+    *,
+    datasets: list[str] | tuple[str, ...] = DEFAULT_DATASETS,
+    batch_size: int = 8,
+    cache_dir: str | Path | None = None,
+    query_prompt: str | None = None,
+    model_name: str | None = None,
+) -> dict:
+    """Evaluate `model` on ViDoRe datasets (Hub names or local folders); write `vidore_results.{json,md,png}`.
+
+    Queries go through `model.encode_queries` (the checkpoint's query prompt) unless `query_prompt` is given,
+    pages through `model.encode_documents`. Returns the results written to the JSON file.
+    """
+    output_dir = Path(output_dir)
+    cache = EmbeddingCache(Path(cache_dir or output_dir / "embedding_cache") / model_fingerprint(model))
+    metric = load_metric("retrieval_scores")
+    if query_prompt is None:
+        encode_queries, query_kind = model.encode_queries, "vidore-query"
+    else:
+
+        def encode_queries(batch, **kwargs):
+            return model.encode(batch, prompt=query_prompt, **kwargs)
+
+        query_kind = f"vidore-query|{query_prompt}"
+
+    per_dataset = {}
+    for number, name in enumerate(datasets, start=1):
+        data = load_retrieval_data(name)
+        query_embeddings = encode_with_cache(
+            data.query_texts,
+            [content_key(query_kind, text) for text in data.query_texts],
+            lambda batch: encode_queries(batch, batch_size=batch_size, show_progress_bar=False),
+            cache=cache,
+            namespace=f"vidore/{name}/queries",
+            batch_size=batch_size,
+            description=f"ViDoRe {name} queries ({number}/{len(datasets)})",
+        )
+        corpus = data.corpus
+
+        def load_page(row: int) -> Image.Image:
+            return Image.open(io.BytesIO(_page_bytes(name, row, corpus[row]["image"]))).convert("RGB")
+
+        document_embeddings = encode_with_cache(
+            list(range(len(corpus))),
+            data.page_keys,
+            lambda batch: model.encode_documents(batch, batch_size=batch_size, show_progress_bar=False),
+            cache=cache,
+            namespace=f"vidore/{name}/documents",
+            load_fn=load_page,
+            batch_size=batch_size,
+            shard_size=128,
+            description=f"ViDoRe {name} pages ({number}/{len(datasets)})",
+        )
+        scores = F.normalize(query_embeddings, dim=-1) @ F.normalize(document_embeddings, dim=-1).T
+        result = metric.compute(predictions=scores.tolist(), references=data.relevance.tolist(), k_values=list(K_VALUES))
+        result["num_documents"] = len(corpus)
+        per_dataset[name] = result
+        logger.info("ViDoRe %s: nDCG@5 %.4f", name, result["ndcg_at_5"])
+
+    names = [f"{metric_name}_at_{k}" for k in K_VALUES for metric_name in ("ndcg", "recall")]
+    results = {
+        "benchmark": "ViDoRe-v2",
+        "model": model_name or getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__,
+        "metric": "ndcg_at_5",
+        "datasets": per_dataset,
+        "average": {n: float(np.mean([r[n] for r in per_dataset.values()])) for n in names},
+    }
+    if PartialState().is_main_process:
+        write_vidore_results(output_dir, results)
+    return results
+
+
+def write_vidore_results(output_dir: Path, results: dict) -> None:
+    columns = ["ndcg_at_5", "ndcg_at_10", "recall_at_1", "recall_at_5", "recall_at_10"]
+    rows = [(name, *(r[c] for c in columns), r["num_queries"]) for name, r in results["datasets"].items()]
+    rows.append(("Average", *(results["average"][c] for c in columns), ""))
+    markdown = f"# ViDoRe-v2 (%): {results['model']}\n\n" + markdown_table(
+        ["Dataset", "nDCG@5", "nDCG@10", "Recall@1", "Recall@5", "Recall@10", "Queries"], rows
+    )
+    write_results(output_dir, "vidore_results", results, markdown)
+    labels = [name.split("/")[-1] for name in results["datasets"]] + ["Average"]
+    values = [r["ndcg_at_5"] for r in results["datasets"].values()] + [results["average"]["ndcg_at_5"]]
+    bar_plot(output_dir / "vidore_results.png", labels, values, f"ViDoRe-v2: {results['model']}", "nDCG@5 (%)")
+
+
+@dataclass
+class ViDoReArguments:
+    model: str = field(metadata={"help": "MoCa checkpoint: a local folder or a Hub name."})
+    output_dir: str = field(metadata={"help": "Where vidore_results.{json,md,png} and the embedding cache go."})
+    datasets: list[str] = field(default_factory=lambda: list(DEFAULT_DATASETS), metadata={"help": "Hub names or local folders."})
+    batch_size: int = field(default=8, metadata={"help": "Inputs per forward pass."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Embedding cache (default: OUTPUT_DIR/embedding_cache)."})
+    query_prompt: str | None = field(default=None, metadata={"help": "Query prompt with {text} (default: the checkpoint's)."})
+    dtype: str | None = field(default=None, metadata={"help": "float32, bfloat16, ... (default: bfloat16 on GPU)."})
+
+
+def main(argv: list[str] | None = None) -> dict:
+    (args,) = HfArgumentParser(ViDoReArguments).parse_args_into_dataclasses(args=argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    init_processes()
+    model = load_model(args.model, dtype=args.dtype)
+    results = evaluate_vidore(
+        model,
+        args.output_dir,
+        datasets=args.datasets,
+        batch_size=args.batch_size,
+        cache_dir=args.cache_dir,
+        query_prompt=args.query_prompt,
+        model_name=args.model,
+    )
+    if PartialState().is_main_process:
+        print((Path(args.output_dir) / "vidore_results.md").read_text())
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -409,7 +409,7 @@ class Sampler:
 
     def page(self, shape, colour, count=None, place=None):
         def draw():
-            filler = tuple(" ".join(self.rng.sample(FILLER_WORDS, 3)) for _ in range(3))
+            filler = tuple(" ".join(self.rng.sample(FILLER_WORDS, 3)) for _ in range(2))
             return Page(
                 shape,
                 colour,
@@ -459,7 +459,7 @@ def cpt_rows(sampler, num_rows):
             if source == "fact":
                 text = rng.choice(facts)
             elif source == "description":
-                text = " ".join(caption(sampler.description(TRAIN_COMBOS), rng) for _ in range(rng.randint(1, 3)))
+                text = " ".join(caption(sampler.description(TRAIN_COMBOS), rng) for _ in range(rng.randint(1, 2)))
             else:
                 text = sampler.page(*rng.choice(TRAIN_COMBOS)).text
             rows.append({"text": text, "images": []})

@@ -7,7 +7,7 @@ attributes, written in the layouts that continual pre-training, contrastive trai
 - ``contrastive/<task>/``: ``{"query_text", "query_image", "pos_text", "pos_image", "neg_text", "neg_image"}``
   rows with hard negatives (``datasets.save_to_disk``), and ``contrastive/tasks.json`` with each task's prompts.
 - ``mmeb/``: the MMEB-eval layout (``data/<Subset>/test-00000-of-00001.parquet`` + PNG files under ``images/``)
-  and ``mmeb/subsets.json`` (category, in-domain or out-of-domain, chance level).
+  and ``subsets.json`` (category, in-domain or out-of-domain, chance level) in ``mmeb/`` and in ``mmeb/data/``.
 - ``vidore/<name>/``: the ViDoRe-v2 BEIR layout (``corpus``, ``queries``, ``qrels`` parquet files).
 - ``manifest.json``: what was written, with row counts, seed and scale.
 
@@ -36,7 +36,6 @@ from datasets import Dataset, Features, Image, List, Value
 from PIL import Image as PILImage
 from PIL import ImageDraw, ImageFont
 
-
 COLOURS = {
     "red": (220, 30, 30),
     "green": (30, 160, 50),
@@ -59,7 +58,13 @@ POSITIONS = {
     "center": ((0.5, 0.5), "in the middle"),
 }
 # Scenes with several objects put them on a wider cross so that they never overlap.
-MULTI_POSITIONS = {"left": (0.2, 0.5), "right": (0.8, 0.5), "top": (0.5, 0.2), "bottom": (0.5, 0.8), "center": (0.5, 0.5)}
+MULTI_POSITIONS = {
+    "left": (0.2, 0.5),
+    "right": (0.8, 0.5),
+    "top": (0.5, 0.2),
+    "bottom": (0.5, 0.8),
+    "center": (0.5, 0.5),
+}
 BACKGROUNDS = ((245, 245, 245), (232, 232, 232), (245, 240, 225), (228, 236, 242))
 SCENE_SIDES = (56, 84, 112)  # multiples of 28, so the Qwen image processor keeps them as they are
 MULTI_SIDE = 112
@@ -95,11 +100,12 @@ COLOUR_FACTS = {
     "black": "a piece of coal",
 }
 PLACES = ("river", "market", "garden", "harbour", "forest", "school", "bridge", "castle", "station", "library")
-FILLER_WORDS = (
-    "paper", "lamp", "north", "quiet", "table", "window", "winter", "summer", "letter", "music", "stone", "cloud",
-    "bread", "number", "little", "early", "silver", "coffee", "pencil", "travel", "simple", "yard",
-    "ladder", "farmer", "basket", "candle", "carpet", "kettle", "pepper", "rabbit", "violin", "wallet", "bottle",
+# Words of the page bodies: none names a colour, a shape, a number or a place.
+_FILLER_TEXT = (
+    "paper lamp north quiet table window winter summer letter music stone cloud bread little early silver coffee "
+    "pencil travel simple yard ladder farmer basket candle carpet kettle pepper rabbit violin wallet bottle"
 )
+FILLER_WORDS = tuple(_FILLER_TEXT.split())
 
 # Instruction prompts in the style of the MoCa release; "<image>" marks where an image goes, "{text}" the text.
 IMAGE_DOCUMENT_PROMPT = "<image>Represent the given image.\n"
@@ -167,9 +173,6 @@ class Scene:
     background: tuple
     things: tuple
 
-    def thing_at(self, position):
-        return next(thing for thing in self.things if thing.position == position)
-
 
 @dataclass(frozen=True)
 class Page:
@@ -212,8 +215,18 @@ def _polygon(shape, cx, cy, r):
     if shape == "cross":
         a = r / 3
         return [
-            (cx - a, cy - r), (cx + a, cy - r), (cx + a, cy - a), (cx + r, cy - a), (cx + r, cy + a), (cx + a, cy + a),
-            (cx + a, cy + r), (cx - a, cy + r), (cx - a, cy + a), (cx - r, cy + a), (cx - r, cy - a), (cx - a, cy - a),
+            (cx - a, cy - r),
+            (cx + a, cy - r),
+            (cx + a, cy - a),
+            (cx + r, cy - a),
+            (cx + r, cy + a),
+            (cx + a, cy + a),
+            (cx + a, cy + r),
+            (cx - a, cy + r),
+            (cx - a, cy + a),
+            (cx - r, cy + a),
+            (cx - r, cy - a),
+            (cx - a, cy - a),
         ]
     raise ValueError(f"no polygon for shape {shape!r}")
 
@@ -249,11 +262,10 @@ def crop_thing(scene, thing):
 
 
 def render_page(page):
-    width, height = PAGE_SIZE
     image = PILImage.new("RGB", PAGE_SIZE, (250, 250, 250))
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default()
-    draw.rectangle((0, 0, width, 20), fill=COLOURS[page.colour])
+    draw.rectangle((0, 0, PAGE_SIZE[0], 20), fill=COLOURS[page.colour])
     light_header = page.colour in ("yellow", "orange", "cyan")
     draw.text((5, 4), page.title, fill=(0, 0, 0) if light_header else (255, 255, 255), font=font)
     for i in range(page.count):
@@ -313,12 +325,12 @@ def report_query(page, rng):
     count_word = COUNT_WORDS[page.count - 1]
     things = PLURALS[page.shape]
     templates = (
-        f"I am looking for the report about {page.colour} {things} that were seen near the {page.place}; "
-        f"it should list {count_word} of them.",
-        f"Which page describes {count_word} {page.colour} {PLURALS[page.shape] if page.count > 1 else page.shape} "
-        f"seen near the {page.place}?",
-        f"Find the document on {page.colour} {things}: the one that mentions the {page.place} and a count of "
-        f"{count_word}.",
+        (
+            f"I am looking for the report about {page.colour} {things} that were seen near the {page.place}; "
+            f"it should list {count_word} of them."
+        ),
+        f"Which page describes {count_word} {page.colour} {_things(page.count, page.shape)} seen near the {page.place}?",
+        f"Find the document on {page.colour} {things}: the one that mentions the {page.place} and a count of {count_word}.",
     )
     return rng.choice(templates)
 
@@ -583,7 +595,9 @@ def _classification(sampler, num_rows):
     rows = []
     for _ in range(num_rows):
         d = sampler.description(TRAIN_COMBOS, placed=True)
-        negatives = [label(v.shape, v.colour) for v in _combo_variants(sampler.rng, d, TRAIN_COMBOS, NUM_HARD_NEGATIVES)]
+        negatives = [
+            label(v.shape, v.colour) for v in _combo_variants(sampler.rng, d, TRAIN_COMBOS, NUM_HARD_NEGATIVES)
+        ]
         image = _image(render_scene(sampler.scene(d)))
         rows.append(_row(query_image=image, pos_text=label(d.shape, d.colour), neg_text=negatives))
     return rows
@@ -621,7 +635,9 @@ def _page_variants(sampler, page, combos, k):
     pages = []
     for what, combo in rng.sample(options, k):
         if what == "place":
-            pages.append(sampler.page(page.shape, page.colour, page.count, rng.choice([p for p in PLACES if p != page.place])))
+            pages.append(
+                sampler.page(page.shape, page.colour, page.count, rng.choice([p for p in PLACES if p != page.place]))
+            )
         elif what == "count":
             other_count = rng.choice([n for n in range(1, len(COUNT_WORDS) + 1) if n != page.count])
             pages.append(sampler.page(page.shape, page.colour, other_count, page.place))
@@ -838,7 +854,9 @@ def write_mmeb_subset(mmeb_dir, subset, rows):
         columns["qry_text"].append(query_text)
         columns["qry_img_path"].append(save(query_image, f"{i:04d}_query.png"))
         columns["tgt_text"].append([text for text, _ in targets])
-        columns["tgt_img_path"].append([save(image, f"{i:04d}_target_{j:02d}.png") for j, (_, image) in enumerate(targets)])
+        columns["tgt_img_path"].append(
+            [save(image, f"{i:04d}_target_{j:02d}.png") for j, (_, image) in enumerate(targets)]
+        )
     data_dir = Path(mmeb_dir) / "data" / subset
     data_dir.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table(columns, schema=MMEB_SCHEMA), data_dir / "test-00000-of-00001.parquet")
@@ -857,7 +875,9 @@ def _vidore_set(sampler, num_topics, sibling_differs_in):
         if sibling_differs_in == "place":
             second = sampler.page(*topic, count=first.count, place=rng.choice([p for p in PLACES if p != first.place]))
         else:
-            second = sampler.page(*topic, count=rng.choice([n for n in range(1, 5) if n != first.count]), place=first.place)
+            second = sampler.page(
+                *topic, count=rng.choice([n for n in range(1, 5) if n != first.count]), place=first.place
+            )
         pair = [len(pages), len(pages) + 1]
         pages += [first, second]
         for corpus_id, sibling_id in (pair, pair[::-1]):
@@ -865,7 +885,9 @@ def _vidore_set(sampler, num_topics, sibling_differs_in):
             if sibling_differs_in == "place":
                 query = f"Which report describes {page.colour} {PLURALS[page.shape]} seen near the {page.place}?"
             else:
-                query = f"Which page lists {COUNT_WORDS[page.count - 1]} {page.colour} {_things(page.count, page.shape)}?"
+                query = (
+                    f"Which page lists {COUNT_WORDS[page.count - 1]} {page.colour} {_things(page.count, page.shape)}?"
+                )
             query_id = len(queries)
             queries.append(query)
             qrels += [(query_id, corpus_id, 2), (query_id, sibling_id, 1)]
@@ -935,7 +957,10 @@ def make_nano_data(out_dir, seed=0, scale=1.0):
     contrastive_dir = out_dir / "contrastive"
     tasks = {}
     for task, build in CONTRASTIVE_BUILDERS.items():
-        rows = build(Sampler(f"contrastive-{task}", seed, train_scenes), _rows((CONTRASTIVE_ROWS[task], MIN_CONTRASTIVE_ROWS), scale))
+        rows = build(
+            Sampler(f"contrastive-{task}", seed, train_scenes),
+            _rows((CONTRASTIVE_ROWS[task], MIN_CONTRASTIVE_ROWS), scale),
+        )
         Dataset.from_list(rows, features=CONTRASTIVE_FEATURES).save_to_disk(str(contrastive_dir / task))
         manifest["contrastive"][task] = {"path": f"contrastive/{task}", "rows": len(rows)}
         query_prompt, document_prompt = PROMPTS[task]
@@ -955,6 +980,8 @@ def make_nano_data(out_dir, seed=0, scale=1.0):
         subsets[subset] = {"category": category, "split": split, "chance": round(chance, 6)}
         manifest["mmeb"][subset] = {"path": f"mmeb/data/{subset}/test-00000-of-00001.parquet", "rows": len(rows)}
     _write_json(mmeb_dir / "subsets.json", subsets)
+    # eval.mmeb reads the subset table beside the subset folders it is pointed at (its --data_dir).
+    _write_json(mmeb_dir / "data" / "subsets.json", subsets)
 
     for name, sibling_differs_in in VIDORE_SETS.items():
         sampler = Sampler(f"vidore-{name}", seed, eval_scenes, frozen_train_scenes)

@@ -6,6 +6,7 @@ sets (see `moca.nano_data` for the layouts). The same seed and scale write byte-
 
 import argparse
 import json
+from pathlib import Path
 
 from moca.nano_data import make_nano_data
 
@@ -17,7 +18,7 @@ def main():
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies every row count")
     args = parser.parse_args()
     paths = make_nano_data(args.out_dir, seed=args.seed, scale=args.scale)
-    manifest = json.loads(open(paths["manifest"]).read())
+    manifest = json.loads(Path(paths["manifest"]).read_text())
     print(f"wrote the nano world (seed {args.seed}, scale {args.scale}) to {args.out_dir}:")
     print(f"  cpt: {manifest['cpt']['rows']} rows")
     for section in ("contrastive", "mmeb"):

@@ -1,5 +1,4 @@
 import hashlib
-import io
 import json
 import re
 import subprocess
@@ -13,7 +12,6 @@ from datasets import Dataset, Image, load_from_disk
 from PIL import Image as PILImage
 
 from moca.nano_data import COLOURS, HELD_OUT_COMBOS, NUM_HARD_NEGATIVES, PLURALS, make_nano_data
-
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CORE_READY = (REPO_ROOT / "moca" / "CORE_READY").exists()
@@ -45,7 +43,7 @@ def _undecoded(dataset):
 
 def _colours_in(image, min_pixels=20):
     """Names of the palette colours that fill at least `min_pixels` pixels (shapes are drawn flat, unblended)."""
-    counts = dict((rgb, n) for n, rgb in image.convert("RGB").getcolors(maxcolors=1 << 16))
+    counts = {rgb: n for n, rgb in image.convert("RGB").getcolors(maxcolors=1 << 16)}
     return {name for name, rgb in COLOURS.items() if counts.get(rgb, 0) >= min_pixels}
 
 
@@ -72,7 +70,15 @@ def test_same_seed_writes_identical_files_in_another_process(world, tmp_path):
     # The command-line tool in a fresh process: nothing may depend on the process (hash seeds, fingerprints, time).
     out = tmp_path / "again"
     subprocess.run(
-        [sys.executable, str(REPO_ROOT / "scripts" / "make_nano_data.py"), str(out), "--seed", "0", "--scale", str(SCALE)],
+        [
+            sys.executable,
+            str(REPO_ROOT / "scripts" / "make_nano_data.py"),
+            str(out),
+            "--seed",
+            "0",
+            "--scale",
+            str(SCALE),
+        ],
         check=True,
         capture_output=True,
     )
@@ -86,9 +92,13 @@ def test_other_seed_writes_other_data(world, tmp_path):
     make_nano_data(tmp_path / "seed1", seed=1, scale=SCALE)
     other = _files(tmp_path / "seed1")
     first = _files(world)
-    for name in ("cpt/data-00000-of-00001.arrow", "contrastive/vqa/data-00000-of-00001.arrow",
-                 "mmeb/data/CaptionToImage/test-00000-of-00001.parquet", "mmeb/images/ColorVQA/0000_query.png",
-                 "vidore/nano_reports/queries/test-00000-of-00001.parquet"):
+    for name in (
+        "cpt/data-00000-of-00001.arrow",
+        "contrastive/vqa/data-00000-of-00001.arrow",
+        "mmeb/data/CaptionToImage/test-00000-of-00001.parquet",
+        "mmeb/images/ColorVQA/0000_query.png",
+        "vidore/nano_reports/queries/test-00000-of-00001.parquet",
+    ):
         assert first[name] != other[name], f"{name} did not change with the seed"
     assert json.loads(other["manifest.json"])["seed"] == 1
 
@@ -163,7 +173,9 @@ def test_contrastive_hard_negatives_differ_from_the_positive(world):
 def test_held_out_combinations_never_appear_in_training_text(world):
     texts = list(load_from_disk(str(world / "cpt"))["text"])
     for name in json.loads((world / "contrastive" / "tasks.json").read_text()):
-        dataset = load_from_disk(str(world / "contrastive" / name)).select_columns(["query_text", "pos_text", "neg_text"])
+        dataset = load_from_disk(str(world / "contrastive" / name)).select_columns(
+            ["query_text", "pos_text", "neg_text"]
+        )
         for row in dataset:
             texts += [row["query_text"] or "", row["pos_text"] or "", *row["neg_text"]]
     corpus = "\n".join(texts).lower()
@@ -180,7 +192,8 @@ def test_mmeb_subsets_cover_every_category_in_and_out_of_domain(world):
     subsets = json.loads((world / "mmeb" / "subsets.json").read_text())
     assert {entry["category"] for entry in subsets.values()} == MMEB_CATEGORIES
     assert {entry["split"] for entry in subsets.values()} == {"IND", "OOD"}
-    assert sorted(p.name for p in (world / "mmeb" / "data").iterdir()) == sorted(subsets)
+    assert sorted(p.name for p in (world / "mmeb" / "data").iterdir() if p.is_dir()) == sorted(subsets)
+    assert json.loads((world / "mmeb" / "data" / "subsets.json").read_text()) == subsets
     for subset, entry in subsets.items():
         table = _mmeb(world, subset).to_pylist()
         chance = sum(1 / len(row["tgt_text"]) for row in table) / len(table)
@@ -189,8 +202,12 @@ def test_mmeb_subsets_cover_every_category_in_and_out_of_domain(world):
 
 def test_mmeb_parquet_columns_and_image_paths(world):
     expected = pa.schema(
-        [("qry_text", pa.string()), ("qry_img_path", pa.string()), ("tgt_text", pa.list_(pa.string())),
-         ("tgt_img_path", pa.list_(pa.string()))]
+        [
+            ("qry_text", pa.string()),
+            ("qry_img_path", pa.string()),
+            ("tgt_text", pa.list_(pa.string())),
+            ("tgt_img_path", pa.list_(pa.string())),
+        ]
     )
     for subset in json.loads((world / "mmeb" / "subsets.json").read_text()):
         table = _mmeb(world, subset)
@@ -279,7 +296,9 @@ def test_no_evaluation_image_is_a_training_image(world):
     def digest(data):
         return hashlib.sha256(data).hexdigest()
 
-    training = {digest(image["bytes"]) for image in _undecoded(load_from_disk(str(world / "cpt")))["images"] for image in image}
+    training = {
+        digest(image["bytes"]) for image in _undecoded(load_from_disk(str(world / "cpt")))["images"] for image in image
+    }
     for name in json.loads((world / "contrastive" / "tasks.json").read_text()):
         for row in _undecoded(load_from_disk(str(world / "contrastive" / name))):
             images = [row["query_image"], row["pos_image"], *row["neg_image"]]
@@ -295,7 +314,11 @@ def test_no_evaluation_image_is_a_training_image(world):
     shared = [str(path.relative_to(world)) for path in evaluation if digest(path.read_bytes()) in training]
     for name in (p.name for p in (world / "vidore").iterdir()):
         corpus = pq.read_table(world / "vidore" / name / "corpus" / "test-00000-of-00001.parquet")
-        shared += [f"vidore/{name}/{i}" for i, image in enumerate(corpus["image"].to_pylist()) if digest(image["bytes"]) in training]
+        shared += [
+            f"vidore/{name}/{i}"
+            for i, image in enumerate(corpus["image"].to_pylist())
+            if digest(image["bytes"]) in training
+        ]
     assert len(evaluation) > 100
     assert not shared, f"evaluation images that are also training images: {shared[:5]}"
 
@@ -324,9 +347,13 @@ def test_processor_accepts_cpt_rows_and_task_prompts(world, tiny_vlm_dir):
     tasks = json.loads((world / "contrastive" / "tasks.json").read_text())
     for name, task in tasks.items():
         row = load_from_disk(str(world / "contrastive" / name))[0]
-        query = processor(text=[format_prompt(task["query_prompt"], row["query_text"])],
-                          images=[[row["query_image"]] if row["query_image"] is not None else []])
-        document = processor(text=[format_prompt(task["document_prompt"], row["pos_text"])],
-                             images=[[row["pos_image"]] if row["pos_image"] is not None else []])
+        query = processor(
+            text=[format_prompt(task["query_prompt"], row["query_text"])],
+            images=[[row["query_image"]] if row["query_image"] is not None else []],
+        )
+        document = processor(
+            text=[format_prompt(task["document_prompt"], row["pos_text"])],
+            images=[[row["pos_image"]] if row["pos_image"] is not None else []],
+        )
         assert ("image_grid_thw" in query) == (row["query_image"] is not None), name
         assert ("image_grid_thw" in document) == (row["pos_image"] is not None), name

@@ -22,7 +22,11 @@ from .processing_moca import MoCaProcessor, count_image_placeholders, format_pro
 
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-REMOTE_CODE_FILES = ("configuration_moca.py", "modeling_moca.py", "processing_moca.py")
+REMOTE_CODE_FILES = (
+    "configuration_moca.py", "modeling_moca.py", "processing_moca.py", "model_card.py", "sentence_transformers_moca.py",
+)  # fmt: skip
+# The sentence-transformers module saved into every checkpoint (a class of `sentence_transformers_moca.py`).
+SENTENCE_TRANSFORMERS_MODULE = "sentence_transformers_moca.MoCaSentenceTransformer"
 # Keyword arguments of `from_pretrained` that also say where to find the processor files.
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
 
@@ -189,14 +193,47 @@ class MoCaModel(MoCaPreTrainedModel):
         super().save_pretrained(save_directory, *args, **kwargs)
         if int(os.environ.get("RANK", "0")) != 0 and kwargs.get("is_main_process", True) is False:
             return
-        # Remote code: these three files let `AutoModel.from_pretrained(dir, trust_remote_code=True)` work
-        # where this package is not installed.
+        # Remote code: these files let `AutoModel.from_pretrained(dir, trust_remote_code=True)` and
+        # `SentenceTransformer(dir, trust_remote_code=True)` work where this package is not installed.
         here = Path(__file__).parent
         for name in REMOTE_CODE_FILES:
             if (here / name).resolve() != (Path(save_directory) / name).resolve():
                 shutil.copyfile(here / name, Path(save_directory) / name)
         if self.processor is not None:
             self.processor.save_pretrained(save_directory)
+        write_sentence_transformers_files(save_directory, self.config)
+        if not (Path(save_directory) / "README.md").exists():
+            from .model_card import write_model_card
+
+            write_model_card(self, save_directory)
+
+    def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, private: bool | None = None,
+                    token: bool | str | None = None, revision: str | None = None, create_pr: bool = False,
+                    max_shard_size: int | str | None = "50GB", tags: list[str] | None = None, **card_kwargs):
+        """Upload weights, remote code, processor, sentence-transformers files and the model card.
+
+        The stock `push_to_hub` replaces the card `save_pretrained` writes with the repository's (or a blank
+        template); here the card is written from this model, with `card_kwargs` (`base_model`, `datasets`,
+        `training_args`, `eval_results`, ...) passed to `moca.model_card.write_model_card`.
+        """
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        from .model_card import write_model_card
+
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as tmp_dir:
+            self.save_pretrained(tmp_dir, max_shard_size=max_shard_size)
+            write_model_card(self, tmp_dir, model_id=repo_id, tags=tags, **card_kwargs)
+            return api.upload_folder(
+                repo_id=repo_id,
+                folder_path=tmp_dir,
+                commit_message=commit_message or "Upload MoCa model",
+                revision=revision,
+                create_pr=create_pr,
+            )
 
     # ------------------------------------------------------------------ encoding what a person has
 
@@ -222,19 +259,10 @@ class MoCaModel(MoCaPreTrainedModel):
         processor = processor or self.processor
         if processor is None:
             raise ValueError("No processor: load the model with from_pretrained/from_backbone or pass `processor=`.")
-        if isinstance(inputs, (str, dict, Image.Image, Path)):
-            inputs = [inputs]
-        items = [_parse_input(x, i) for i, x in enumerate(inputs)]
+        items = self.prepare_inputs(inputs, prompt)
         if not items:
             return torch.empty(0, truncate_dim or self.config.hidden_size)
-        texts = [self._input_text(text, images, prompt) for text, images in items]
-        for i, (text, (_, images)) in enumerate(zip(texts, items)):
-            n_placeholders = count_image_placeholders(text)
-            if n_placeholders and n_placeholders != len(images):
-                raise ValueError(
-                    f"Input {i}: the text has {n_placeholders} image placeholder(s) but {len(images)} image(s) were given."
-                )
-        costs = [len(t) / 4 + sum(_image_cost(img, processor) for img in images) for t, (_, images) in zip(texts, items)]
+        costs = [len(text) / 4 + sum(_image_cost(img, processor) for img in images) for text, images in items]
         order = sorted(range(len(items)), key=lambda i: -costs[i])
 
         device = next(self.parameters()).device
@@ -242,15 +270,8 @@ class MoCaModel(MoCaPreTrainedModel):
         self.eval()
         chunks = []
         for start in _progress(range(0, len(order), batch_size), show_progress_bar, len(order) > batch_size):
-            batch_ids = order[start : start + batch_size]
-            batch_images = [[_load_image(img, i) for img in items[i][1]] for i in batch_ids]
-            batch = processor(
-                text=[texts[i] for i in batch_ids],
-                images=batch_images if any(batch_images) else None,
-                truncation=max_length is not None,
-                max_length=max_length,
-            ).to(device)
-            chunks.append(self(**batch).embeddings.float().cpu())
+            batch = self.collate([items[i] for i in order[start : start + batch_size]], processor, max_length)
+            chunks.append(self(**batch.to(device)).embeddings.float().cpu())
         self.train(was_training)
 
         embeddings = torch.empty(len(items), chunks[0].shape[-1])
@@ -260,6 +281,37 @@ class MoCaModel(MoCaPreTrainedModel):
             if self.config.normalize:
                 embeddings = F.normalize(embeddings, dim=-1)
         return embeddings
+
+    def prepare_inputs(self, inputs, prompt: str | None = None) -> list[tuple[str, list]]:
+        """`encode`'s inputs -> one `(text with the prompt applied, images)` pair each, validated.
+
+        Images stay as given (paths are opened by `collate`, one batch at a time).
+        """
+        if isinstance(inputs, (str, dict, Image.Image, Path)):
+            inputs = [inputs]
+        items = []
+        for i, item in enumerate(inputs):
+            text, images = _parse_input(item, i)
+            text = self._input_text(text, images, prompt)
+            n_placeholders = count_image_placeholders(text)
+            if n_placeholders and n_placeholders != len(images):
+                raise ValueError(
+                    f"Input {i}: the text has {n_placeholders} image placeholder(s) but {len(images)} image(s) were given."
+                )
+            items.append((text, images))
+        return items
+
+    def collate(self, items: Sequence[tuple[str, list]], processor: MoCaProcessor | None = None,
+                max_length: int | None = None):
+        """Processor outputs (a `BatchFeature`) for a batch of `prepare_inputs` items."""
+        processor = processor or self.processor
+        batch_images = [[_load_image(img, i) for img in images] for i, (_, images) in enumerate(items)]
+        return processor(
+            text=[text for text, _ in items],
+            images=batch_images if any(batch_images) else None,
+            truncation=max_length is not None,
+            max_length=max_length,
+        )
 
     def encode_queries(self, inputs, prompt: str | None = None, **kwargs) -> torch.Tensor:
         """`encode` with the config's `query_prompt` (or the given one)."""
@@ -344,6 +396,27 @@ def _progress(iterable: Iterable, show: bool | None, default: bool):
     from tqdm.auto import tqdm
 
     return tqdm(iterable, desc="Encoding", unit="batch")
+
+
+def write_sentence_transformers_files(save_directory, config: MoCaConfig) -> None:
+    """`modules.json` and `config_sentence_transformers.json`: every MoCa checkpoint is a sentence-transformers model.
+
+    Written by hand rather than by `SentenceTransformer.save` so that saving needs no sentence-transformers.
+    The prompts are MoCa's format strings: the module applies `{text}` (sentence-transformers would only prefix).
+    """
+    import json
+
+    modules = [{"idx": 0, "name": "0", "path": "", "type": SENTENCE_TRANSFORMERS_MODULE}]
+    settings = {
+        "model_type": "SentenceTransformer",
+        "prompts": {"query": config.query_prompt or "", "document": config.document_prompt or ""},
+        "default_prompt_name": None,
+        "similarity_fn_name": "cosine",
+    }
+    for name, content in (("modules.json", modules), ("config_sentence_transformers.json", settings)):
+        with open(Path(save_directory) / name, "w", encoding="utf-8") as f:
+            json.dump(content, f, indent=2)
+            f.write("\n")
 
 
 MoCaModel.register_for_auto_class("AutoModel")
@@ -538,20 +611,27 @@ class MoCaForContinualPretraining(MoCaPreTrainedModel):
             loss=loss, mlm_loss=mlm_loss, mae_loss=mae_loss, last_hidden_state=hidden_states
         )
 
-    def _masked_patch_loss(self, hidden_states, input_ids, attention_mask, position_ids, pixel_targets,
-                           image_token_mask) -> torch.Tensor:
-        # The decoder layer sees what the backbone's layers saw: the same rotary positions and a padding-only
-        # mask; `is_causal=False` matters for sdpa, which is causal by default when the mask is elided.
-        text_config = self.text_model.config
+    def mae_decode(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor,
+                   position_ids: torch.Tensor) -> torch.Tensor:
+        """The MAE decoder layer over the whole sequence, with the inputs the backbone's own layers get: the
+        same rotary positions and a padding-only mask. `is_causal=False` matters for sdpa, which is causal by
+        default when the mask is elided (no padding)."""
         position_embeddings = self.text_model.rotary_emb(hidden_states, position_ids)
-        mask = create_bidirectional_mask(config=text_config, inputs_embeds=hidden_states, attention_mask=attention_mask)
-        decoded = self.mae_decoder(
+        mask = create_bidirectional_mask(
+            config=self.text_model.config, inputs_embeds=hidden_states, attention_mask=attention_mask
+        )
+        return self.mae_decoder(
             hidden_states, attention_mask=mask, position_embeddings=position_embeddings, is_causal=False
         )
+
+    def _masked_patch_loss(self, hidden_states, input_ids, attention_mask, position_ids, pixel_targets,
+                           image_token_mask) -> torch.Tensor:
+        decoded = self.mae_decode(hidden_states, attention_mask, position_ids)
+        # Visual tokens in (batch, position) order are the merged tokens in `pixel_values` order.
         visual = decoded[input_ids == self.config.image_token_id]
         if visual.shape[0] != image_token_mask.shape[0]:
             raise ValueError(
-                f"image_token_mask covers {image_token_mask.shape[0]} visual tokens but the input has {visual.shape[0]}."
+                f"image_token_mask covers {image_token_mask.shape[0]} visual tokens, the input has {visual.shape[0]}."
             )
         predictions = self.mae_head(visual[image_token_mask])
         targets = pixel_targets.reshape(image_token_mask.shape[0], -1)[image_token_mask]

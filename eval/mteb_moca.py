@@ -1,0 +1,100 @@
+"""A MoCa checkpoint as an `mteb` encoder, so that mteb runs ViDoRe, MIEB and text tasks with it.
+
+    import mteb
+    from eval.mteb_moca import MoCaMTEBEncoder
+
+    model = MoCaMTEBEncoder("path/or/hub-name")        # or MoCaMTEBEncoder(name, model=already_loaded_model)
+    mteb.evaluate(model, mteb.get_tasks(tasks=["Vidore2ESGReportsRetrieval"]))
+
+Queries are encoded with the checkpoint's query prompt and documents with its document prompt (MoCa's own
+prompts, not the task's instruction); inputs of tasks without query/document roles get no prompt.
+"""
+
+from typing import Any
+
+import numpy as np
+import torch
+from mteb.models.abs_encoder import AbsEncoder
+from mteb.models.model_meta import ModelMeta, ScoringFunction
+from mteb.types import PromptType
+from PIL import Image
+
+from .encoding import load_model
+
+
+def batch_to_inputs(batch: dict[str, list]) -> list[dict]:
+    """An mteb batch (columns `text` and/or `image`; an image cell may hold a list of images) as MoCa inputs."""
+    size = len(batch["text"]) if "text" in batch else len(batch["image"])
+    texts = batch.get("text") or [None] * size
+    images = batch.get("image") or [None] * size
+    inputs = []
+    for text, image in zip(texts, images):
+        if isinstance(image, Image.Image):
+            image = image.convert("RGB")
+        elif isinstance(image, list):
+            image = [item.convert("RGB") for item in image] or None
+        inputs.append({"text": text or None, "image": image})
+    return inputs
+
+
+def moca_model_meta(name: str, model, revision: str | None = None) -> ModelMeta:
+    return ModelMeta(
+        loader=MoCaMTEBEncoder,
+        name=name,
+        revision=revision,
+        release_date=None,
+        languages=None,
+        n_parameters=sum(parameter.numel() for parameter in model.parameters()),
+        memory_usage_mb=None,
+        max_tokens=None,
+        embed_dim=model.config.hidden_size,
+        license=None,
+        open_weights=True,
+        public_training_code=None,
+        public_training_data=None,
+        framework=["PyTorch", "Transformers"],
+        similarity_fn_name=ScoringFunction.COSINE,
+        use_instructions=True,
+        training_datasets=None,
+        modalities=["image", "text"],
+    )
+
+
+class MoCaMTEBEncoder(AbsEncoder):
+    """mteb's encoder protocol over `MoCaModel.encode` / `encode_queries` / `encode_documents`."""
+
+    def __init__(
+        self,
+        model_name: str,
+        revision: str | None = None,
+        *,
+        device: str | None = None,
+        model=None,
+        dtype: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.model = model if model is not None else load_model(model_name, dtype=dtype, device=device)
+        self.mteb_model_meta = moca_model_meta(model_name, self.model, revision)
+
+    def encode(
+        self,
+        inputs,
+        *,
+        task_metadata,
+        hf_split: str,
+        hf_subset: str,
+        prompt_type: PromptType | None = None,
+        show_progress_bar: bool = True,
+        **kwargs: Any,
+    ) -> np.ndarray:
+        if prompt_type == PromptType.query:
+            encode = self.model.encode_queries
+        elif prompt_type == PromptType.document:
+            encode = self.model.encode_documents
+        else:
+            encode = self.model.encode
+        embeddings = []
+        for batch in inputs:
+            items = batch_to_inputs(batch)
+            embeddings.append(encode(items, batch_size=len(items), show_progress_bar=False))
+        return torch.cat(embeddings).numpy()

@@ -1,0 +1,119 @@
+"""mteb runs a MoCa model through `eval.mteb_moca` on tiny local image tasks (no download)."""
+
+import datasets
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import mteb
+from mteb.abstasks.retrieval import AbsTaskRetrieval
+from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData
+from mteb.abstasks.task_metadata import TaskMetadata
+from mteb.mocks.mock_tasks.classification import MockImageClassificationTask
+
+from eval.metrics import load_metric
+from eval.mteb_moca import MoCaMTEBEncoder, batch_to_inputs
+
+QUERIES = ["quarterly revenue table", "a map of the sites", "board members", "water use per plant"]
+PAGES = [Image.new("RGB", (56 + 28 * (i % 2), 84), (45 * i, 210 - 35 * i, 60 + 25 * i)) for i in range(6)]
+RELEVANT = {"q0": {"p0": 2, "p3": 1}, "q1": {"p1": 1}, "q2": {"p2": 1, "p4": 2, "p5": 1}, "q3": {"p5": 1}}
+
+
+class TinyPageRetrieval(AbsTaskRetrieval):
+    metadata = TaskMetadata(
+        name="TinyPageRetrieval",
+        description="Text queries retrieving page images, made up for testing.",
+        reference="https://example.org/tiny",
+        dataset={"path": "local/tiny-page-retrieval", "revision": "1"},
+        type="Any2AnyRetrieval",
+        category="t2i",
+        modalities=["text", "image"],
+        eval_splits=["test"],
+        eval_langs=["eng-Latn"],
+        main_score="ndcg_at_5",
+        date=("2025-01-01", "2025-01-02"),
+        domains=[],
+        task_subtypes=[],
+        license="cc-by-4.0",
+        annotations_creators="derived",
+        dialect=[],
+        sample_creation="found",
+        bibtex_citation="",
+    )
+
+    def load_data(self, **kwargs):
+        split = RetrievalSplitData(
+            queries=datasets.Dataset.from_dict({"id": [f"q{i}" for i in range(len(QUERIES))], "text": QUERIES}),
+            corpus=datasets.Dataset.from_dict({"id": [f"p{i}" for i in range(len(PAGES))], "image": PAGES}),
+            relevant_docs=RELEVANT,
+            top_ranked=None,
+        )
+        self.dataset = {"default": {"test": split}}
+        self.data_loaded = True
+
+
+def test_mteb_retrieval_scores_equal_those_from_encode_queries_and_documents(tiny_moca):
+    model = tiny_moca[0]
+    results = mteb.evaluate(MoCaMTEBEncoder("local/tiny-moca", model=model), TinyPageRetrieval(), cache=None,
+                            show_progress_bar=False)
+    scores = results.task_results[0].scores["test"][0]
+
+    similarity = F.normalize(model.encode_queries(QUERIES), dim=-1) @ F.normalize(model.encode_documents(PAGES), dim=-1).T
+    relevance = torch.zeros(len(QUERIES), len(PAGES), dtype=torch.long)
+    for query, pages in RELEVANT.items():
+        for page, grade in pages.items():
+            relevance[int(query[1:]), int(page[1:])] = grade
+    expected = load_metric("retrieval_scores").compute(
+        predictions=similarity.tolist(), references=relevance.tolist(), k_values=[1, 5]
+    )
+    # mteb rounds its scores to 5 decimals.
+    for name in ("ndcg_at_1", "ndcg_at_5", "recall_at_1", "recall_at_5"):
+        assert scores[name] == pytest.approx(expected[name], abs=1e-5), name
+    assert scores["main_score"] == scores["ndcg_at_5"]
+
+
+class Spy:
+    """The model, recording which encode method saw which kinds of input."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, []
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def _record(self, method, inputs, **kwargs):
+        kinds = {("text" if item["text"] else "") + ("+image" if item["image"] is not None else "") for item in inputs}
+        self.calls.append((method, sorted(kinds)))
+        return getattr(self.model, method)(inputs, **kwargs)
+
+    def encode(self, inputs, **kwargs):
+        return self._record("encode", inputs, **kwargs)
+
+    def encode_queries(self, inputs, **kwargs):
+        return self._record("encode_queries", inputs, **kwargs)
+
+    def encode_documents(self, inputs, **kwargs):
+        return self._record("encode_documents", inputs, **kwargs)
+
+
+def test_queries_get_the_query_prompt_pages_the_document_prompt_other_tasks_none(tiny_moca):
+    spy = Spy(tiny_moca[0])
+    mteb.evaluate(MoCaMTEBEncoder("local/tiny-moca", model=spy), TinyPageRetrieval(), cache=None, show_progress_bar=False)
+    assert {call for call, _ in spy.calls} == {"encode_queries", "encode_documents"}
+    assert all(kinds == (["text"] if call == "encode_queries" else ["+image"]) for call, kinds in spy.calls)
+
+    spy.calls.clear()
+    results = mteb.evaluate(MoCaMTEBEncoder("local/tiny-moca", model=spy), MockImageClassificationTask(),
+                            cache=None, show_progress_bar=False)
+    assert spy.calls and all(call == ("encode", ["+image"]) for call in spy.calls)
+    assert "accuracy" in results.task_results[0].scores["test"][0]
+
+
+def test_batches_become_moca_inputs():
+    rgba = Image.new("RGBA", (28, 28))
+    inputs = batch_to_inputs({"text": ["a", ""], "image": [rgba, [rgba, rgba]]})
+    assert inputs[0]["text"] == "a" and inputs[0]["image"].mode == "RGB"
+    assert inputs[1]["text"] is None and [image.mode for image in inputs[1]["image"]] == ["RGB", "RGB"]
+    assert batch_to_inputs({"text": ["only text"]}) == [{"text": "only text", "image": None}]
+    assert batch_to_inputs({"image": [rgba]})[0]["text"] is None

@@ -173,7 +173,10 @@ def encode_with_cache(
     if missing:
         logger.info(
             "%s: %d of %d distinct inputs to encode, on %d process(es)",
-            namespace, len(missing), len(first_item_of_key), state.num_processes,
+            namespace,
+            len(missing),
+            len(first_item_of_key),
+            state.num_processes,
         )
     with tqdm(total=len(missing), desc=description, disable=not state.is_main_process or not missing) as progress:
         for start in range(0, len(missing), shard_size):

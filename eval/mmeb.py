@@ -142,9 +142,13 @@ def parse_subset(subset: str, table: datasets.Dataset, image_dir: Path | None) -
         if image_path is None:
             image_path = ""
         if not isinstance(image_path, str):
-            raise MMEBDataError(f"{where}, field {image_field!r}: expected a path string, got {type(image_path).__name__}")
+            raise MMEBDataError(
+                f"{where}, field {image_field!r}: expected a path string, got {type(image_path).__name__}"
+            )
         if MMEB_IMAGE_TOKEN in text and not image_path:
-            raise MMEBDataError(f"{where}, field {image_field!r}: {text_field} marks an image ({MMEB_IMAGE_TOKEN}) but no path is given")
+            raise MMEBDataError(
+                f"{where}, field {image_field!r}: {text_field} marks an image ({MMEB_IMAGE_TOKEN}) but no path is given"
+            )
         image = None
         if image_path:
             if image_dir is None:
@@ -306,11 +310,15 @@ class MMEBArguments:
     model: str = field(metadata={"help": "MoCa checkpoint: a local folder or a Hub name."})
     output_dir: str = field(metadata={"help": "Where mmeb_results.{json,md,png} and the embedding cache go."})
     dataset: str = field(default=DEFAULT_DATASET, metadata={"help": "Hub dataset with one config per subset."})
-    data_dir: str | None = field(default=None, metadata={"help": "Local folder of <subset>/*.parquet (replaces --dataset)."})
+    data_dir: str | None = field(
+        default=None, metadata={"help": "Local folder of <subset>/*.parquet (replaces --dataset)."}
+    )
     image_dir: str | None = field(default=None, metadata={"help": "Folder the image paths are relative to."})
     subsets: list[str] | None = field(default=None, metadata={"help": "Subsets to evaluate (default: all)."})
     batch_size: int = field(default=16, metadata={"help": "Inputs per forward pass."})
-    cache_dir: str | None = field(default=None, metadata={"help": "Embedding cache (default: OUTPUT_DIR/embedding_cache)."})
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "Embedding cache (default: OUTPUT_DIR/embedding_cache)."}
+    )
     dtype: str | None = field(default=None, metadata={"help": "float32, bfloat16, ... (default: bfloat16 on GPU)."})
 
 

@@ -8,6 +8,7 @@ A dataset is in the BEIR layout of the ViDoRe benchmark: configs `corpus` (`corp
 prompt, queries with its query prompt; the multilingual sets are scored over all their queries at once.
 """
 
+import functools
 import hashlib
 import io
 import logging
@@ -16,7 +17,6 @@ from pathlib import Path
 
 import datasets as hf_datasets
 import numpy as np
-import torch
 import torch.nn.functional as F
 from accelerate import PartialState
 from PIL import Image
@@ -60,7 +60,9 @@ def load_config(name: str, config: str) -> hf_datasets.Dataset:
 def _require_columns(name: str, config: str, table: hf_datasets.Dataset, columns: tuple[str, ...]) -> None:
     absent = [column for column in columns if column not in table.column_names]
     if absent:
-        raise ViDoReDataError(f"ViDoRe dataset {name!r}, config {config!r}: column(s) {absent} missing (has {table.column_names})")
+        raise ViDoReDataError(
+            f"ViDoRe dataset {name!r}, config {config!r}: column(s) {absent} missing (has {table.column_names})"
+        )
 
 
 def _page_bytes(name: str, row: int, image) -> bytes:
@@ -69,7 +71,13 @@ def _page_bytes(name: str, row: int, image) -> bytes:
         return image["bytes"]
     if isinstance(image, dict) and image.get("path") and Path(image["path"]).is_file():
         return Path(image["path"]).read_bytes()
-    raise ViDoReDataError(f"ViDoRe dataset {name!r}, config 'corpus', row {row}, field 'image': no image bytes or readable path")
+    raise ViDoReDataError(
+        f"ViDoRe dataset {name!r}, config 'corpus', row {row}, field 'image': no image bytes or readable path"
+    )
+
+
+def _open_page(name: str, corpus: hf_datasets.Dataset, row: int) -> Image.Image:
+    return Image.open(io.BytesIO(_page_bytes(name, row, corpus[row]["image"]))).convert("RGB")
 
 
 @dataclass
@@ -99,7 +107,9 @@ def load_retrieval_data(name: str) -> RetrievalData:
     query_texts = queries["query"]
     for row, text in enumerate(query_texts):
         if not isinstance(text, str) or not text:
-            raise ViDoReDataError(f"ViDoRe dataset {name!r}, config 'queries', row {row}, field 'query': expected a non-empty string")
+            raise ViDoReDataError(
+                f"ViDoRe dataset {name!r}, config 'queries', row {row}, field 'query': expected a non-empty string"
+            )
 
     relevance = np.zeros((len(query_texts), len(document_index)), dtype=np.int64)
     for row, (query_id, document_id, score) in enumerate(zip(qrels["query-id"], qrels["corpus-id"], qrels["score"])):
@@ -153,25 +163,22 @@ def evaluate_vidore(
             batch_size=batch_size,
             description=f"ViDoRe {name} queries ({number}/{len(datasets)})",
         )
-        corpus = data.corpus
-
-        def load_page(row: int) -> Image.Image:
-            return Image.open(io.BytesIO(_page_bytes(name, row, corpus[row]["image"]))).convert("RGB")
-
         document_embeddings = encode_with_cache(
-            list(range(len(corpus))),
+            list(range(len(data.corpus))),
             data.page_keys,
             lambda batch: model.encode_documents(batch, batch_size=batch_size, show_progress_bar=False),
             cache=cache,
             namespace=f"vidore/{name}/documents",
-            load_fn=load_page,
+            load_fn=functools.partial(_open_page, name, data.corpus),
             batch_size=batch_size,
             shard_size=128,
             description=f"ViDoRe {name} pages ({number}/{len(datasets)})",
         )
         scores = F.normalize(query_embeddings, dim=-1) @ F.normalize(document_embeddings, dim=-1).T
-        result = metric.compute(predictions=scores.tolist(), references=data.relevance.tolist(), k_values=list(K_VALUES))
-        result["num_documents"] = len(corpus)
+        result = metric.compute(
+            predictions=scores.tolist(), references=data.relevance.tolist(), k_values=list(K_VALUES)
+        )
+        result["num_documents"] = len(data.corpus)
         per_dataset[name] = result
         logger.info("ViDoRe %s: nDCG@5 %.4f", name, result["ndcg_at_5"])
 
@@ -205,10 +212,16 @@ def write_vidore_results(output_dir: Path, results: dict) -> None:
 class ViDoReArguments:
     model: str = field(metadata={"help": "MoCa checkpoint: a local folder or a Hub name."})
     output_dir: str = field(metadata={"help": "Where vidore_results.{json,md,png} and the embedding cache go."})
-    datasets: list[str] = field(default_factory=lambda: list(DEFAULT_DATASETS), metadata={"help": "Hub names or local folders."})
+    datasets: list[str] = field(
+        default_factory=lambda: list(DEFAULT_DATASETS), metadata={"help": "Hub names or local folders."}
+    )
     batch_size: int = field(default=8, metadata={"help": "Inputs per forward pass."})
-    cache_dir: str | None = field(default=None, metadata={"help": "Embedding cache (default: OUTPUT_DIR/embedding_cache)."})
-    query_prompt: str | None = field(default=None, metadata={"help": "Query prompt with {text} (default: the checkpoint's)."})
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "Embedding cache (default: OUTPUT_DIR/embedding_cache)."}
+    )
+    query_prompt: str | None = field(
+        default=None, metadata={"help": "Query prompt with {text} (default: the checkpoint's)."}
+    )
     dtype: str | None = field(default=None, metadata={"help": "float32, bfloat16, ... (default: bfloat16 on GPU)."})
 
 

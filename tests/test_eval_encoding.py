@@ -50,8 +50,9 @@ def test_each_distinct_input_is_encoded_once_and_rows_follow_the_inputs(tmp_path
 def test_an_interrupted_run_keeps_finished_shards_and_resumes(tmp_path):
     cache = EmbeddingCache(tmp_path)
     with pytest.raises(KeyboardInterrupt):  # 3 shards of 3 inputs, batches of 2: stopped in the third shard
-        encode_with_cache(TEXTS, KEYS, FakeEncoder(interrupt_after_batches=5), cache=cache, namespace="a",
-                          batch_size=2, shard_size=3)
+        encode_with_cache(
+            TEXTS, KEYS, FakeEncoder(interrupt_after_batches=5), cache=cache, namespace="a", batch_size=2, shard_size=3
+        )
     assert len(list((tmp_path / "a").glob("shard-*.safetensors"))) == 2
     (tmp_path / "a" / "shard-000002.tmp").write_bytes(b"half-written shard of a killed run")
     resumed = FakeEncoder()
@@ -90,8 +91,15 @@ encode_with_cache(texts, [content_key("test", t) for t in texts], slow, cache=Em
     done = len(EmbeddingCache(tmp_path).load("a"))
     assert 8 <= done < 40
     resumed = FakeEncoder()
-    embeddings = encode_with_cache(texts, [content_key("test", t) for t in texts], resumed,
-                                   cache=EmbeddingCache(tmp_path), namespace="a", batch_size=4, shard_size=4)
+    embeddings = encode_with_cache(
+        texts,
+        [content_key("test", t) for t in texts],
+        resumed,
+        cache=EmbeddingCache(tmp_path),
+        namespace="a",
+        batch_size=4,
+        shard_size=4,
+    )
     assert resumed.inputs == 40 - done
     torch.testing.assert_close(embeddings, torch.stack([fake_embedding(t) for t in texts]), atol=0, rtol=0)
 

@@ -1,16 +1,15 @@
 """mteb runs a MoCa model through `eval.mteb_moca` on tiny local image tasks (no download)."""
 
 import datasets
+import mteb
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
-
-import mteb
 from mteb.abstasks.retrieval import AbsTaskRetrieval
 from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData
 from mteb.abstasks.task_metadata import TaskMetadata
 from mteb.mocks.mock_tasks.classification import MockImageClassificationTask
+from PIL import Image
 
 from eval.metrics import load_metric
 from eval.mteb_moca import MoCaMTEBEncoder, batch_to_inputs
@@ -55,11 +54,14 @@ class TinyPageRetrieval(AbsTaskRetrieval):
 
 def test_mteb_retrieval_scores_equal_those_from_encode_queries_and_documents(tiny_moca):
     model = tiny_moca[0]
-    results = mteb.evaluate(MoCaMTEBEncoder("local/tiny-moca", model=model), TinyPageRetrieval(), cache=None,
-                            show_progress_bar=False)
+    results = mteb.evaluate(
+        MoCaMTEBEncoder("local/tiny-moca", model=model), TinyPageRetrieval(), cache=None, show_progress_bar=False
+    )
     scores = results.task_results[0].scores["test"][0]
 
-    similarity = F.normalize(model.encode_queries(QUERIES), dim=-1) @ F.normalize(model.encode_documents(PAGES), dim=-1).T
+    similarity = (
+        F.normalize(model.encode_queries(QUERIES), dim=-1) @ F.normalize(model.encode_documents(PAGES), dim=-1).T
+    )
     relevance = torch.zeros(len(QUERIES), len(PAGES), dtype=torch.long)
     for query, pages in RELEVANT.items():
         for page, grade in pages.items():
@@ -99,13 +101,19 @@ class Spy:
 
 def test_queries_get_the_query_prompt_pages_the_document_prompt_other_tasks_none(tiny_moca):
     spy = Spy(tiny_moca[0])
-    mteb.evaluate(MoCaMTEBEncoder("local/tiny-moca", model=spy), TinyPageRetrieval(), cache=None, show_progress_bar=False)
+    mteb.evaluate(
+        MoCaMTEBEncoder("local/tiny-moca", model=spy), TinyPageRetrieval(), cache=None, show_progress_bar=False
+    )
     assert {call for call, _ in spy.calls} == {"encode_queries", "encode_documents"}
     assert all(kinds == (["text"] if call == "encode_queries" else ["+image"]) for call, kinds in spy.calls)
 
     spy.calls.clear()
-    results = mteb.evaluate(MoCaMTEBEncoder("local/tiny-moca", model=spy), MockImageClassificationTask(),
-                            cache=None, show_progress_bar=False)
+    results = mteb.evaluate(
+        MoCaMTEBEncoder("local/tiny-moca", model=spy),
+        MockImageClassificationTask(),
+        cache=None,
+        show_progress_bar=False,
+    )
     assert spy.calls and all(call == ("encode", ["+image"]) for call in spy.calls)
     assert "accuracy" in results.task_results[0].scores["test"][0]
 

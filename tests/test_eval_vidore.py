@@ -45,7 +45,9 @@ def write_vidore_set(folder: Path, with_datasets_features: bool) -> Path:
     pd.DataFrame({"query-id": range(len(QUERIES)), "query": QUERIES}).to_parquet(
         folder / "queries" / "test-00000-of-00001.parquet"
     )
-    pd.DataFrame(QRELS, columns=["query-id", "corpus-id", "score"]).to_parquet(folder / "qrels" / "test-00000-of-00001.parquet")
+    pd.DataFrame(QRELS, columns=["query-id", "corpus-id", "score"]).to_parquet(
+        folder / "qrels" / "test-00000-of-00001.parquet"
+    )
     return folder
 
 
@@ -136,7 +138,9 @@ def test_bad_qrels_and_queries_name_dataset_config_row_and_field(tiny_moca, tmp_
     pd.DataFrame([(7, 10, 1)], columns=["query-id", "corpus-id", "score"]).to_parquet(qrels)
     with pytest.raises(ViDoReDataError, match=r"row 0, field 'query-id': 7 is not in the queries"):
         evaluate_vidore(tiny_moca[0], tmp_path / "out", datasets=[str(folder)])
-    pd.DataFrame({"query-id": [0, 1], "query": ["fine", ""]}).to_parquet(folder / "queries" / "test-00000-of-00001.parquet")
+    pd.DataFrame({"query-id": [0, 1], "query": ["fine", ""]}).to_parquet(
+        folder / "queries" / "test-00000-of-00001.parquet"
+    )
     with pytest.raises(ViDoReDataError, match=r"config 'queries', row 1, field 'query'"):
         evaluate_vidore(tiny_moca[0], tmp_path / "out", datasets=[str(folder)])
     pd.DataFrame({"corpus-id": [10]}).to_parquet(folder / "corpus" / "test-00000-of-00001.parquet")

@@ -86,6 +86,8 @@ class RetrievalScores(evaluate.Metric):
             if any(grade > 0 for grade in relevance)
         ]
         names = [f"{name}_at_{k}" for k in k_values for name in ("ndcg", "recall")]
-        result = {name: float(np.mean([query[name] for query in per_query])) if per_query else float("nan") for name in names}
+        result = {
+            name: float(np.mean([query[name] for query in per_query])) if per_query else float("nan") for name in names
+        }
         result["num_queries"] = len(per_query)
         return result

@@ -34,8 +34,14 @@ def load_model(name_or_path: str, dtype: str | None = None, device: str | torch.
     `dtype` defaults to bfloat16 on an accelerator and float32 on CPU; `device` to this process's device
     (one accelerator per process under `accelerate launch`).
     """
-    from transformers import AutoModel
+    from transformers import AutoConfig, AutoModel
 
+    model_type = AutoConfig.from_pretrained(name_or_path, trust_remote_code=True).model_type
+    if model_type != "moca":
+        raise ValueError(
+            f"{name_or_path} is a {model_type!r} checkpoint, not a MoCa one (model_type 'moca'). Checkpoints of the "
+            "original MoCa release convert with scripts/convert_original_checkpoint.py."
+        )
     device = torch.device(device) if device is not None else PartialState().device
     if dtype is None:
         dtype = "float32" if device.type == "cpu" else "bfloat16"

@@ -47,6 +47,11 @@ class ViDoReDataError(ValueError):
     """A row of a ViDoRe dataset that cannot be evaluated; the message names dataset, config, row and field."""
 
 
+def display_name(name: str) -> str:
+    """A Hub name as it is, a local folder by its own name (cache folders must not depend on where data sits)."""
+    return Path(name).name if Path(name).is_dir() else name
+
+
 def load_config(name: str, config: str) -> hf_datasets.Dataset:
     """One config (`corpus`, `queries`, `qrels`) of a Hub dataset or a local folder, test split."""
     if Path(name).is_dir():
@@ -99,9 +104,11 @@ def load_retrieval_data(name: str) -> RetrievalData:
         corpus = corpus.cast_column("image", hf_datasets.Image(decode=False))
 
     page_keys = []
-    for row, image in enumerate(corpus["image"]):
-        # Page images are identified by their bytes: a model embeds the same page the same way in any dataset.
-        page_keys.append(content_key("vidore-document", hashlib.blake2b(_page_bytes(name, row, image)).digest()))
+    # Page images are identified by their bytes: a model embeds the same page the same way in any dataset. Read
+    # in slices so that a corpus of full-resolution pages is never in memory at once.
+    for start in range(0, len(corpus), 64):
+        for row, image in enumerate(corpus[start : start + 64]["image"], start=start):
+            page_keys.append(content_key("vidore-document", hashlib.blake2b(_page_bytes(name, row, image)).digest()))
     document_index = {document_id: row for row, document_id in enumerate(corpus["corpus-id"])}
     query_index = {query_id: row for row, query_id in enumerate(queries["query-id"])}
     query_texts = queries["query"]
@@ -154,25 +161,26 @@ def evaluate_vidore(
     per_dataset = {}
     for number, name in enumerate(datasets, start=1):
         data = load_retrieval_data(name)
+        short_name = display_name(name)
         query_embeddings = encode_with_cache(
             data.query_texts,
             [content_key(query_kind, text) for text in data.query_texts],
             lambda batch: encode_queries(batch, batch_size=batch_size, show_progress_bar=False),
             cache=cache,
-            namespace=f"vidore/{name}/queries",
+            namespace=f"vidore/{short_name}/queries",
             batch_size=batch_size,
-            description=f"ViDoRe {name} queries ({number}/{len(datasets)})",
+            description=f"ViDoRe {short_name} queries ({number}/{len(datasets)})",
         )
         document_embeddings = encode_with_cache(
             list(range(len(data.corpus))),
             data.page_keys,
             lambda batch: model.encode_documents(batch, batch_size=batch_size, show_progress_bar=False),
             cache=cache,
-            namespace=f"vidore/{name}/documents",
+            namespace=f"vidore/{short_name}/documents",
             load_fn=functools.partial(_open_page, name, data.corpus),
             batch_size=batch_size,
             shard_size=128,
-            description=f"ViDoRe {name} pages ({number}/{len(datasets)})",
+            description=f"ViDoRe {short_name} pages ({number}/{len(datasets)})",
         )
         scores = F.normalize(query_embeddings, dim=-1) @ F.normalize(document_embeddings, dim=-1).T
         result = metric.compute(
@@ -203,7 +211,7 @@ def write_vidore_results(output_dir: Path, results: dict) -> None:
         ["Dataset", "nDCG@5", "nDCG@10", "Recall@1", "Recall@5", "Recall@10", "Queries"], rows
     )
     write_results(output_dir, "vidore_results", results, markdown)
-    labels = [name.split("/")[-1] for name in results["datasets"]] + ["Average"]
+    labels = [display_name(name).split("/")[-1] for name in results["datasets"]] + ["Average"]
     values = [r["ndcg_at_5"] for r in results["datasets"].values()] + [results["average"]["ndcg_at_5"]]
     bar_plot(output_dir / "vidore_results.png", labels, values, f"ViDoRe-v2: {results['model']}", "nDCG@5 (%)")
 

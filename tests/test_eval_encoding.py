@@ -116,3 +116,10 @@ def test_the_model_fingerprint_follows_weights_and_config_not_location(tiny_moca
     changed_prompt = copy.deepcopy(model)
     changed_prompt.config.query_prompt = "Query: {text}"
     assert model_fingerprint(changed_prompt) != model_fingerprint(model)
+
+
+def test_loading_a_checkpoint_that_is_not_moca_says_so(tiny_vlm_dir):
+    from eval.encoding import load_model
+
+    with pytest.raises(ValueError, match=r"is a 'qwen2_5_vl' checkpoint, not a MoCa one.*convert_original_checkpoint"):
+        load_model(tiny_vlm_dir)

@@ -98,9 +98,9 @@ def test_scores_equal_those_from_model_encode_and_a_rerun_encodes_nothing(tiny_m
         for key in ("ndcg_at_1", "ndcg_at_5", "ndcg_at_10", "recall_at_1", "recall_at_5", "recall_at_10"):
             assert got[key] == pytest.approx(expected[key], abs=1e-6), (name, key)
         cache = EmbeddingCache(tmp_path / "embedding_cache" / model_fingerprint(model))
-        cached_queries = torch.stack(list(cache.load(f"vidore/{name}/queries").values()))
+        cached_queries = torch.stack(list(cache.load(f"vidore/{Path(name).name}/queries").values()))
         torch.testing.assert_close(cached_queries, queries, atol=1e-5, rtol=0)
-        cached_pages = torch.stack(list(cache.load(f"vidore/{name}/documents").values()))
+        cached_pages = torch.stack(list(cache.load(f"vidore/{Path(name).name}/documents").values()))
         torch.testing.assert_close(cached_pages, pages, atol=1e-5, rtol=0)
     assert results["average"]["ndcg_at_5"] == pytest.approx(expected["ndcg_at_5"], abs=1e-6)
 
@@ -121,7 +121,7 @@ def test_queries_use_the_query_prompt_and_pages_the_document_prompt(tiny_moca, v
     prompt = "Retrieve the page that answers: {text}\n"
     prompted = evaluate_vidore(model, tmp_path / "b", datasets=[name], query_prompt=prompt)
     fingerprint = model_fingerprint(model)
-    stored = EmbeddingCache(tmp_path / "b" / "embedding_cache" / fingerprint).load(f"vidore/{name}/queries")
+    stored = EmbeddingCache(tmp_path / "b" / "embedding_cache" / fingerprint).load(f"vidore/{Path(name).name}/queries")
     torch.testing.assert_close(
         torch.stack(list(stored.values())), model.encode(QUERIES, prompt=prompt), atol=1e-5, rtol=0
     )

@@ -82,10 +82,10 @@ def content_key(kind: str, *parts: str | bytes) -> bytes:
     return digest.digest()
 
 
-def file_identity(path: Path) -> str:
-    """Identity of an image file without reading it: its path, size and modification time."""
+def file_stamp(path: Path) -> str:
+    """Stands for a file's content without reading it: its size and modification time."""
     stat = path.stat()
-    return f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
+    return f"{stat.st_size}|{stat.st_mtime_ns}"
 
 
 class EmbeddingCache:

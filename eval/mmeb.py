@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
+import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from accelerate import PartialState
@@ -22,7 +23,7 @@ from .encoding import (
     EmbeddingCache,
     content_key,
     encode_with_cache,
-    file_identity,
+    file_stamp,
     init_processes,
     load_model,
     model_fingerprint,
@@ -110,6 +111,8 @@ def load_subset(subset: str, dataset: str = DEFAULT_DATASET, data_dir: str | Pat
         files = sorted(str(path) for path in (Path(data_dir) / subset).glob("*.parquet"))
         if not files:
             raise MMEBDataError(f"MMEB subset {subset!r}: no parquet file in {Path(data_dir) / subset}")
+        if sum(pq.ParquetFile(file).metadata.num_rows for file in files) == 0:
+            raise MMEBDataError(f"MMEB subset {subset!r}: no rows")  # `datasets` cannot load an empty parquet file
         return datasets.load_dataset("parquet", data_files=files, split="train")
     return datasets.load_dataset(dataset, subset, split="test")
 
@@ -130,10 +133,12 @@ def parse_subset(subset: str, table: datasets.Dataset, image_dir: Path | None) -
     absent = [name for name in required if name not in table.column_names]
     if absent:
         raise MMEBDataError(f"MMEB subset {subset!r}: column(s) {absent} missing (has {table.column_names})")
+    if len(table) == 0:
+        raise MMEBDataError(f"MMEB subset {subset!r}: no rows")
     columns = {name: table[name] for name in required}
     index_of_key: dict[bytes, int] = {}
     parsed = ParsedSubset(inputs=[], keys=[], row_query=[], row_candidates=[])
-    known_files: dict[str, str] = {}
+    file_stamps: dict[str, str] = {}
 
     def add_input(row: int, text_field: str, text, image_field: str, image_path) -> int:
         where = f"MMEB subset {subset!r}, row {row}"
@@ -154,11 +159,12 @@ def parse_subset(subset: str, table: datasets.Dataset, image_dir: Path | None) -
             if image_dir is None:
                 raise MMEBDataError(f"{where}, field {image_field!r}: rows have images; pass image_dir (--image_dir)")
             image = image_dir / image_path
-            if image_path not in known_files:
+            if image_path not in file_stamps:
                 if not image.is_file():
                     raise MMEBDataError(f"{where}, field {image_field!r}: image file {image} not found")
-                known_files[image_path] = file_identity(image)
-        key = content_key("mmeb", text, known_files.get(image_path, ""))
+                file_stamps[image_path] = file_stamp(image)
+        # The relative path, not the absolute one: a moved image folder keeps its cache.
+        key = content_key("mmeb", text, image_path, file_stamps.get(image_path, ""))
         if key not in index_of_key:
             index_of_key[key] = len(parsed.inputs)
             parsed.inputs.append({"text": text.replace(MMEB_IMAGE_TOKEN, IMAGE_PLACEHOLDER), "image": image})

@@ -128,6 +128,8 @@ def load_retrieval_data(name: str) -> RetrievalData:
         if not isinstance(score, (int, np.integer)) or score < 0:
             raise ViDoReDataError(f"{where}, field 'score': expected a non-negative integer, got {score!r}")
         relevance[query_index[query_id], document_index[document_id]] = score
+    if not (relevance > 0).any():
+        raise ViDoReDataError(f"ViDoRe dataset {name!r}, config 'qrels': no query has a relevant document (score > 0)")
     return RetrievalData(query_texts, corpus, page_keys, relevance)
 
 

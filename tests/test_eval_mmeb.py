@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -172,6 +173,13 @@ def test_each_distinct_input_is_encoded_once_and_a_rerun_encodes_nothing(tiny_mo
     assert model.encoded == 0
 
 
+def test_a_moved_data_folder_keeps_its_cache(tiny_moca, mmeb_data, full_run, tmp_path):
+    moved = Path(shutil.copytree(mmeb_data, tmp_path / "moved"))  # copy2 keeps the modification times
+    model = Recorder(tiny_moca[0])
+    results = evaluate_mmeb(model, full_run[1], data_dir=moved, batch_size=4)
+    assert model.encoded == 0 and results == full_run[0]
+
+
 def test_an_interrupted_run_resumes_where_it_stopped(tiny_moca, mmeb_data, full_run, tmp_path):
     # Interrupted inside the second subset: the first subset's embeddings are on disk, the second's are not.
     with pytest.raises(KeyboardInterrupt):
@@ -204,6 +212,10 @@ def test_malformed_rows_name_subset_row_and_field(tiny_moca, tmp_path):
         write_subset(data_dir, subset, [good, bad_row])
         with pytest.raises(MMEBDataError, match=rf"subset '{subset}', {message}"):
             evaluate_mmeb(tiny_moca[0], tmp_path / "out", data_dir=data_dir, subsets=[subset])
+    (data_dir / "SUN397").mkdir()
+    pd.DataFrame(columns=list(good)).to_parquet(data_dir / "SUN397" / "test-00000-of-00001.parquet")
+    with pytest.raises(MMEBDataError, match=r"subset 'SUN397': no rows"):
+        evaluate_mmeb(tiny_moca[0], tmp_path / "out", data_dir=data_dir, subsets=["SUN397"])
     write_subset(data_dir, "Unlisted", [good])
     with pytest.raises(MMEBDataError, match=r"\['Unlisted'\] have no category: add them to subsets.json"):
         evaluate_mmeb(tiny_moca[0], tmp_path / "out", data_dir=data_dir, subsets=["Unlisted"])

@@ -135,6 +135,9 @@ def test_bad_qrels_and_queries_name_dataset_config_row_and_field(tiny_moca, tmp_
     pd.DataFrame([(0, 10, 1), (1, 99, 1)], columns=["query-id", "corpus-id", "score"]).to_parquet(qrels)
     with pytest.raises(ViDoReDataError, match=r"config 'qrels', row 1, field 'corpus-id': 99 is not in the corpus"):
         evaluate_vidore(tiny_moca[0], tmp_path / "out", datasets=[str(folder)])
+    pd.DataFrame([(0, 10, 0)], columns=["query-id", "corpus-id", "score"]).to_parquet(qrels)
+    with pytest.raises(ViDoReDataError, match=r"config 'qrels': no query has a relevant document"):
+        evaluate_vidore(tiny_moca[0], tmp_path / "out", datasets=[str(folder)])
     pd.DataFrame([(7, 10, 1)], columns=["query-id", "corpus-id", "score"]).to_parquet(qrels)
     with pytest.raises(ViDoReDataError, match=r"row 0, field 'query-id': 7 is not in the queries"):
         evaluate_vidore(tiny_moca[0], tmp_path / "out", datasets=[str(folder)])

@@ -1,0 +1,106 @@
+"""Two CPU processes (gloo, DDP) against one process on the concatenated global batch."""
+
+import datetime
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from moca.contrastive import contrastive_loss, grad_cache_step
+
+
+class TinyEncoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(40, 12)
+        self.proj = nn.Linear(12, 12)
+
+    def forward(self, input_ids):
+        return self.proj(self.embed(input_ids)).mean(1)
+
+
+# Global batch: 5 queries, their 5 positives and 2 hard negatives each; rank 0 holds 3 queries, rank 1 holds 2
+# (unequal shares, as after a skipped row).
+QUERY_SPLIT = [range(0, 3), range(3, 5)]
+
+
+def global_batch():
+    generator = torch.Generator().manual_seed(7)
+    queries = torch.randint(0, 40, (5, 4), generator=generator)
+    positives = torch.randint(0, 40, (5, 4), generator=generator)
+    negatives = torch.randint(0, 40, (5, 2, 4), generator=generator)
+    return queries, positives, negatives
+
+
+def loss_fn(q, d):
+    return contrastive_loss(q, d, temperature=0.05)
+
+
+def single_process():
+    model = TinyEncoder()
+    queries, positives, negatives = global_batch()
+    loss = loss_fn(model(queries), model(torch.cat([positives, negatives.flatten(0, 1)])))
+    loss.backward()
+    return loss.detach(), {name: p.grad for name, p in model.named_parameters()}
+
+
+def worker(rank, world_size, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
+    try:
+        model = nn.parallel.DistributedDataParallel(TinyEncoder())
+        queries, positives, negatives = global_batch()
+        rows = slice(QUERY_SPLIT[rank].start, QUERY_SPLIT[rank].stop)
+        local_queries = queries[rows]
+        local_documents = torch.cat([positives[rows], negatives[rows].flatten(0, 1)])
+        results = {}
+        for method in ("plain", "grad_cache"):
+            model.zero_grad()
+            if method == "grad_cache":
+                loss = grad_cache_step(
+                    lambda c: model(**c),
+                    [{"input_ids": local_queries[:2]}, {"input_ids": local_queries[2:]}],
+                    [{"input_ids": local_documents[:4]}, {"input_ids": local_documents[4:]}],
+                    loss_fn,
+                    no_sync=model.no_sync,
+                )
+            else:
+                loss = loss_fn(model(local_queries), model(local_documents))
+                loss.backward()
+            # The logged loss is the mean over ranks (what the Trainer reports).
+            loss = loss.detach().clone()
+            dist.all_reduce(loss)
+            results[f"{method}.loss"] = (loss / world_size).reshape(1)
+            results.update({f"{method}.grad.{n}": p.grad.clone() for n, p in model.module.named_parameters()})
+        save_file(results, os.path.join(out_dir, f"rank{rank}.safetensors"))
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# fp32; the computations differ only in summation order.
+ATOL, RTOL = 1e-6, 1e-5
+
+
+def test_two_processes_equal_single_process_on_global_batch(tmp_path):
+    """Plain and GradCache, DDP over 2 gloo processes with unequal shares: loss and every gradient on every rank."""
+    mp.spawn(worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    expected_loss, expected_grads = single_process()
+    for rank in range(2):
+        result = load_file(tmp_path / f"rank{rank}.safetensors")
+        for method in ("plain", "grad_cache"):
+            torch.testing.assert_close(result[f"{method}.loss"][0], expected_loss, atol=ATOL, rtol=RTOL)
+            for name, grad in expected_grads.items():
+                torch.testing.assert_close(
+                    result[f"{method}.grad.{name}"], grad, atol=ATOL, rtol=RTOL, msg=f"{method} {name} rank {rank}"
+                )

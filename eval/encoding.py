@@ -152,7 +152,7 @@ def encode_with_cache(
     keys: Sequence[bytes],
     encode_fn: Callable[[list[Any]], torch.Tensor],
     *,
-    cache: EmbeddingCache | None,
+    cache: EmbeddingCache,
     namespace: str,
     load_fn: Callable[[Any], Any] = lambda item: item,
     batch_size: int = 16,
@@ -171,7 +171,7 @@ def encode_with_cache(
     state = PartialState()
     # Every process must see the same cache (the main process may still be writing the previous shard).
     state.wait_for_everyone()
-    known = cache.load(namespace) if cache is not None else {}
+    known = cache.load(namespace)
     first_item_of_key = {}
     for item, key in zip(items, keys):
         first_item_of_key.setdefault(key, item)
@@ -190,7 +190,7 @@ def encode_with_cache(
             embeddings = _encode_split(
                 [first_item_of_key[key] for key in shard_keys], encode_fn, load_fn, batch_size, progress
             )
-            if cache is not None and state.is_main_process:
+            if state.is_main_process:
                 cache.save(namespace, shard_keys, embeddings)
             known.update(zip(shard_keys, embeddings))
     if not keys:

@@ -320,12 +320,16 @@ class MMEBArguments:
         default=None, metadata={"help": "Local folder of <subset>/*.parquet (replaces --dataset)."}
     )
     image_dir: str | None = field(default=None, metadata={"help": "Folder the image paths are relative to."})
-    subsets: list[str] | None = field(default=None, metadata={"help": "Subsets to evaluate (default: all)."})
+    subsets: list[str] | None = field(
+        default=None, metadata={"help": "Subsets to evaluate; all of them when not given."}
+    )
     batch_size: int = field(default=16, metadata={"help": "Inputs per forward pass."})
     cache_dir: str | None = field(
-        default=None, metadata={"help": "Embedding cache (default: OUTPUT_DIR/embedding_cache)."}
+        default=None, metadata={"help": "Embedding cache folder; OUTPUT_DIR/embedding_cache when not given."}
     )
-    dtype: str | None = field(default=None, metadata={"help": "float32, bfloat16, ... (default: bfloat16 on GPU)."})
+    dtype: str | None = field(
+        default=None, metadata={"help": "Weights dtype; bfloat16 on an accelerator and float32 on CPU when not given."}
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -227,12 +227,14 @@ class ViDoReArguments:
     )
     batch_size: int = field(default=8, metadata={"help": "Inputs per forward pass."})
     cache_dir: str | None = field(
-        default=None, metadata={"help": "Embedding cache (default: OUTPUT_DIR/embedding_cache)."}
+        default=None, metadata={"help": "Embedding cache folder; OUTPUT_DIR/embedding_cache when not given."}
     )
     query_prompt: str | None = field(
-        default=None, metadata={"help": "Query prompt with {text} (default: the checkpoint's)."}
+        default=None, metadata={"help": "Query prompt with {text}; the checkpoint's query prompt when not given."}
     )
-    dtype: str | None = field(default=None, metadata={"help": "float32, bfloat16, ... (default: bfloat16 on GPU)."})
+    dtype: str | None = field(
+        default=None, metadata={"help": "Weights dtype; bfloat16 on an accelerator and float32 on CPU when not given."}
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:

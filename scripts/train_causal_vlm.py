@@ -1,0 +1,70 @@
+"""Teach a (tiny) VLM briefly as a *causal* model, so that it stands in for a pre-trained VLM.
+
+MoCa starts from a VLM that already reads images and text. The nano pipeline's random tiny backbone has
+not, so this step trains it with the ordinary next-token loss on captions, documents and texts
+(`{"text": ..., "images": [...]}` rows, "<image>" placeholders) and saves it in the backbone's standard
+format, ready for `MoCaModel.from_backbone`.
+
+    python scripts/train_causal_vlm.py --model_name_or_path tiny-vlm --dataset nano/cpt --output_dir vlm --max_steps 200
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+from datasets import load_from_disk
+from transformers import AutoModelForImageTextToText, HfArgumentParser, Trainer, TrainingArguments
+
+from moca import MoCaProcessor
+
+
+@dataclass
+class CausalArguments:
+    model_name_or_path: str = field(metadata={"help": "VLM checkpoint (Hub name or folder)"})
+    dataset: str = field(metadata={"help": "datasets folder of {'text', 'images'} rows"})
+    max_length: int = field(default=256, metadata={"help": "tokens per sample; longer ones are truncated"})
+
+
+class CaptionCollator:
+    """Next-token labels on text tokens only: image, padding and vision marker positions are ignored."""
+
+    def __init__(self, processor: MoCaProcessor, max_length: int):
+        self.processor = processor
+        self.max_length = max_length
+        eos = processor.tokenizer.eos_token or ""
+        self.eos = eos
+
+    def __call__(self, rows):
+        texts = [row["text"] + self.eos for row in rows]
+        images = [row["images"] or [] for row in rows]
+        batch = self.processor(text=texts, images=images if any(images) else None, truncation=True, max_length=self.max_length)
+        labels = batch["input_ids"].clone()
+        ignore = (batch["attention_mask"] == 0) | (batch["mm_token_type_ids"] != 0)
+        for token_id in (self.processor.vision_start_token_id, self.processor.vision_end_token_id):
+            ignore |= batch["input_ids"] == token_id
+        labels[ignore] = -100
+        batch["labels"] = labels
+        return batch
+
+
+def main():
+    parser = HfArgumentParser((CausalArguments, TrainingArguments))
+    args, training_args = parser.parse_args_into_dataclasses()
+    training_args.remove_unused_columns = False
+    processor = MoCaProcessor.from_pretrained(args.model_name_or_path)
+    model = AutoModelForImageTextToText.from_pretrained(args.model_name_or_path, dtype=torch.float32)
+    dataset = load_from_disk(args.dataset)
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset,
+        data_collator=CaptionCollator(processor, args.max_length),
+    )
+    trainer.train()
+    # The standard VLM layout (weights, tokenizer, image processor), not a MoCa checkpoint.
+    model.save_pretrained(training_args.output_dir)
+    processor.tokenizer.save_pretrained(training_args.output_dir)
+    processor.image_processor.save_pretrained(training_args.output_dir)
+
+
+if __name__ == "__main__":
+    main()

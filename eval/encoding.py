@@ -120,23 +120,14 @@ class EmbeddingCache:
         os.replace(temporary, path)
 
 
-def _encode_split(
-    items: list[Any],
-    encode_fn: Callable[[list[Any]], torch.Tensor],
-    load_fn: Callable[[Any], Any],
-    batch_size: int,
-    progress: tqdm,
+def _encode_shard(
+    items: list[Any], encode_fn: Callable[[list[Any]], torch.Tensor], load_fn: Callable[[Any], Any]
 ) -> torch.Tensor:
-    """Encode this process's share of `items`; return all processes' embeddings in `items` order."""
+    """Encode this process's share of `items` in one call, so that the model sorts the whole share into
+    batches of similar cost; return all processes' embeddings in `items` order."""
     state = PartialState()
     with state.split_between_processes(items, apply_padding=True) as share:
-        parts = []
-        for start in range(0, len(share), batch_size):
-            batch = [load_fn(item) for item in share[start : start + batch_size]]
-            parts.append(encode_fn(batch).float().cpu())
-            # Every process encodes one batch at a time; the padding rows make the last step count less.
-            progress.update(min(len(batch) * state.num_processes, progress.total - progress.n))
-        local = torch.cat(parts)
+        local = encode_fn([load_fn(item) for item in share]).float().cpu()
     if state.num_processes == 1:
         return local
     # `apply_padding` gives every process the same number of rows (the last item repeated), which `gather`
@@ -155,15 +146,15 @@ def encode_with_cache(
     cache: EmbeddingCache,
     namespace: str,
     load_fn: Callable[[Any], Any] = lambda item: item,
-    batch_size: int = 16,
-    shard_size: int = 512,
+    shard_size: int = 256,
     description: str = "encoding",
 ) -> torch.Tensor:
     """Embeddings of `items` (one row per item, in order), encoding each distinct key once.
 
     Keys found in the cache are not encoded again. The rest is encoded in shards of `shard_size` items, split
-    between the processes of an `accelerate launch`, gathered, and written to the cache by the main process.
-    `load_fn` turns an item into a model input right before its batch is encoded, so that large inputs (page
+    between the processes of an `accelerate launch`, gathered, and written to the cache by the main process (a
+    killed run loses at most the shard in progress). `encode_fn` gets a process's share of a shard at once.
+    `load_fn` turns an item into a model input right before its shard is encoded, so that large inputs (page
     images) are never all in memory. Every process returns the full result.
     """
     if len(items) != len(keys):
@@ -187,12 +178,11 @@ def encode_with_cache(
     with tqdm(total=len(missing), desc=description, disable=not state.is_main_process or not missing) as progress:
         for start in range(0, len(missing), shard_size):
             shard_keys = missing[start : start + shard_size]
-            embeddings = _encode_split(
-                [first_item_of_key[key] for key in shard_keys], encode_fn, load_fn, batch_size, progress
-            )
+            embeddings = _encode_shard([first_item_of_key[key] for key in shard_keys], encode_fn, load_fn)
             if state.is_main_process:
                 cache.save(namespace, shard_keys, embeddings)
             known.update(zip(shard_keys, embeddings))
+            progress.update(len(shard_keys))
     if not keys:
         return torch.empty(0, 0)
     return torch.stack([known[key] for key in keys])

@@ -255,10 +255,9 @@ def evaluate_mmeb(
         embeddings = encode_with_cache(
             parsed.inputs,
             parsed.keys,
-            lambda batch: model.encode(batch, batch_size=batch_size, show_progress_bar=False),
+            lambda share: model.encode(share, batch_size=batch_size, show_progress_bar=False),
             cache=cache,
             namespace=f"mmeb/{subset}",
-            batch_size=batch_size,
             description=f"MMEB {subset} ({number}/{len(subsets)})",
         )
         scores, positives = score_subset(parsed, embeddings)

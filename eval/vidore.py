@@ -167,21 +167,19 @@ def evaluate_vidore(
         query_embeddings = encode_with_cache(
             data.query_texts,
             [content_key(query_kind, text) for text in data.query_texts],
-            lambda batch: encode_queries(batch, batch_size=batch_size, show_progress_bar=False),
+            lambda share: encode_queries(share, batch_size=batch_size, show_progress_bar=False),
             cache=cache,
             namespace=f"vidore/{short_name}/queries",
-            batch_size=batch_size,
             description=f"ViDoRe {short_name} queries ({number}/{len(datasets)})",
         )
         document_embeddings = encode_with_cache(
             list(range(len(data.corpus))),
             data.page_keys,
-            lambda batch: model.encode_documents(batch, batch_size=batch_size, show_progress_bar=False),
+            lambda share: model.encode_documents(share, batch_size=batch_size, show_progress_bar=False),
             cache=cache,
             namespace=f"vidore/{short_name}/documents",
             load_fn=functools.partial(_open_page, name, data.corpus),
-            batch_size=batch_size,
-            shard_size=128,
+            shard_size=32,  # decoded pages of a process's share are in memory at once
             description=f"ViDoRe {short_name} pages ({number}/{len(datasets)})",
         )
         scores = F.normalize(query_embeddings, dim=-1) @ F.normalize(document_embeddings, dim=-1).T

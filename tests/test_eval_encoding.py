@@ -22,18 +22,18 @@ def fake_embedding(text: str) -> torch.Tensor:
 
 
 class FakeEncoder:
-    """Embeds texts by hashing them; counts calls and inputs; can be interrupted after some batches."""
+    """Embeds texts by hashing them; counts calls and inputs; can be interrupted after some calls (shards)."""
 
-    def __init__(self, interrupt_after_batches: int | None = None):
-        self.batches = self.inputs = 0
-        self.interrupt_after_batches = interrupt_after_batches
+    def __init__(self, interrupt_after_calls: int | None = None):
+        self.calls = self.inputs = 0
+        self.interrupt_after_calls = interrupt_after_calls
 
-    def __call__(self, batch):
-        if self.interrupt_after_batches is not None and self.batches >= self.interrupt_after_batches:
+    def __call__(self, texts):
+        if self.interrupt_after_calls is not None and self.calls >= self.interrupt_after_calls:
             raise KeyboardInterrupt
-        self.batches += 1
-        self.inputs += len(batch)
-        return torch.stack([fake_embedding(text) for text in batch])
+        self.calls += 1
+        self.inputs += len(texts)
+        return torch.stack([fake_embedding(text) for text in texts])
 
 
 TEXTS = [f"text {i % 9}" for i in range(14)]  # 9 distinct texts, some repeated
@@ -42,25 +42,23 @@ KEYS = [content_key("test", text) for text in TEXTS]
 
 def test_each_distinct_input_is_encoded_once_and_rows_follow_the_inputs(tmp_path):
     encoder = FakeEncoder()
-    embeddings = encode_with_cache(TEXTS, KEYS, encoder, cache=EmbeddingCache(tmp_path), namespace="a", batch_size=2)
+    embeddings = encode_with_cache(TEXTS, KEYS, encoder, cache=EmbeddingCache(tmp_path), namespace="a")
     assert encoder.inputs == 9
     torch.testing.assert_close(embeddings, torch.stack([fake_embedding(t) for t in TEXTS]), atol=0, rtol=0)
 
 
 def test_an_interrupted_run_keeps_finished_shards_and_resumes(tmp_path):
     cache = EmbeddingCache(tmp_path)
-    with pytest.raises(KeyboardInterrupt):  # 3 shards of 3 inputs, batches of 2: stopped in the third shard
-        encode_with_cache(
-            TEXTS, KEYS, FakeEncoder(interrupt_after_batches=5), cache=cache, namespace="a", batch_size=2, shard_size=3
-        )
+    with pytest.raises(KeyboardInterrupt):  # 3 shards of 3 inputs: stopped in the third
+        encode_with_cache(TEXTS, KEYS, FakeEncoder(interrupt_after_calls=2), cache=cache, namespace="a", shard_size=3)
     assert len(list((tmp_path / "a").glob("shard-*.safetensors"))) == 2
     (tmp_path / "a" / "shard-000002.tmp").write_bytes(b"half-written shard of a killed run")
     resumed = FakeEncoder()
-    embeddings = encode_with_cache(TEXTS, KEYS, resumed, cache=cache, namespace="a", batch_size=2, shard_size=3)
+    embeddings = encode_with_cache(TEXTS, KEYS, resumed, cache=cache, namespace="a", shard_size=3)
     assert resumed.inputs == 3
     torch.testing.assert_close(embeddings, torch.stack([fake_embedding(t) for t in TEXTS]), atol=0, rtol=0)
     again = FakeEncoder()
-    encode_with_cache(TEXTS, KEYS, again, cache=cache, namespace="a", batch_size=2, shard_size=3)
+    encode_with_cache(TEXTS, KEYS, again, cache=cache, namespace="a", shard_size=3)
     assert again.inputs == 0
 
 
@@ -73,11 +71,11 @@ sys.path.insert(0, {str(REPO_ROOT)!r}); sys.path.insert(0, {str(Path(__file__).p
 from eval.encoding import EmbeddingCache, content_key, encode_with_cache
 from test_eval_encoding import fake_embedding
 texts = {texts!r}
-def slow(batch):
+def slow(texts):
     time.sleep(0.3)
-    return torch.stack([fake_embedding(t) for t in batch])
+    return torch.stack([fake_embedding(t) for t in texts])
 encode_with_cache(texts, [content_key("test", t) for t in texts], slow, cache=EmbeddingCache({str(tmp_path)!r}),
-                  namespace="a", batch_size=4, shard_size=4)
+                  namespace="a", shard_size=4)
 """
     process = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
@@ -97,7 +95,6 @@ encode_with_cache(texts, [content_key("test", t) for t in texts], slow, cache=Em
         resumed,
         cache=EmbeddingCache(tmp_path),
         namespace="a",
-        batch_size=4,
         shard_size=4,
     )
     assert resumed.inputs == 40 - done

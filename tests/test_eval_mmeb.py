@@ -183,7 +183,7 @@ def test_a_moved_data_folder_keeps_its_cache(tiny_moca, mmeb_data, full_run, tmp
 def test_an_interrupted_run_resumes_where_it_stopped(tiny_moca, mmeb_data, full_run, tmp_path):
     # Interrupted inside the second subset: the first subset's embeddings are on disk, the second's are not.
     with pytest.raises(KeyboardInterrupt):
-        evaluate_mmeb(Recorder(tiny_moca[0], interrupt_after=10 + 4), tmp_path, data_dir=mmeb_data, batch_size=4)
+        evaluate_mmeb(Recorder(tiny_moca[0], interrupt_after=10), tmp_path, data_dir=mmeb_data, batch_size=4)
     resumed = Recorder(tiny_moca[0])
     results = evaluate_mmeb(resumed, tmp_path, data_dir=mmeb_data, batch_size=4)
     assert resumed.encoded == 12 + 10

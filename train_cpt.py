@@ -47,7 +47,9 @@ class CPTArguments:
         metadata={"help": "Equivalent tokens per micro-batch (an image token counts as 4 text tokens, padding as 1)."},
     )
     dtype: str = field(default="float32", metadata={"help": "Weights dtype: float32, bfloat16 or float16."})
-    attn_implementation: str | None = field(default=None, metadata={"help": "sdpa (default), eager, flash_attention_2."})
+    attn_implementation: str | None = field(
+        default=None, metadata={"help": "sdpa (default), eager or flash_attention_2."}
+    )
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes validating rows."})
 
 
@@ -126,7 +128,9 @@ def load_model(args: CPTArguments) -> MoCaForContinualPretraining:
 def main(argv: list[str] | None = None) -> CPTTrainer:
     parser = HfArgumentParser((CPTArguments, CPTTrainingArguments))
     cpt_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=training_args.get_process_log_level())
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=training_args.get_process_log_level()
+    )
     if training_args.ddp_find_unused_parameters is None:
         # A text-only batch leaves the vision tower and the MAE head without gradients on its process.
         training_args.ddp_find_unused_parameters = True
@@ -160,9 +164,7 @@ def main(argv: list[str] | None = None) -> CPTTrainer:
     if resume == "last":
         resume = get_last_checkpoint(training_args.output_dir)
     trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model()
-    if training_args.push_to_hub:
-        trainer.push_to_hub(commit_message="MoCa continual pre-training")
+    trainer.save_model()  # also pushes to the Hub with --push_to_hub
     return trainer
 
 

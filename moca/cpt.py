@@ -355,7 +355,9 @@ class BudgetBatchSampler(Sampler[list[int]]):
         self.batches = self._pack(lengths, costs)
         oversized = sum(1 for batch in self.batches if len(batch) == 1 and costs[batch[0]] > token_budget)
         if oversized:
-            logger.warning("%d samples cost more than token_budget=%d alone: each is a batch of one.", oversized, token_budget)
+            logger.warning(
+                "%d samples cost more than token_budget=%d alone: each is a batch of one.", oversized, token_budget
+            )
 
     def _pack(self, lengths, costs) -> list[list[int]]:
         generator = torch.Generator().manual_seed(self.seed)

@@ -515,7 +515,7 @@ class MoCaForContinualPretraining(MoCaPreTrainedModel):
     def __init__(self, config, moca: MoCaModel | None = None, mae_loss_weight: float = 0.5):
         super().__init__(config)
         if not config.bidirectional:
-            raise ValueError("Continual pre-training reconstructs masked inputs from both sides: use bidirectional=True.")
+            raise ValueError("Continual pre-training reconstructs masked inputs from both sides: bidirectional=True.")
         self.moca = moca if moca is not None else MoCaModel(config)
         self.mae_loss_weight = mae_loss_weight
         text_config = self.text_model.config
@@ -644,9 +644,12 @@ class MoCaForContinualPretraining(MoCaPreTrainedModel):
                       attn_implementation: str | None = None, **config_kwargs) -> "MoCaForContinualPretraining":
         """Fresh CPT model from a causal VLM checkpoint: MLM head from its `lm_head`, MAE decoder from its
         middle layer, MAE projection random."""
-        moca = MoCaModel.from_backbone(name_or_path, dtype=dtype, attn_implementation=attn_implementation, **config_kwargs)
+        moca = MoCaModel.from_backbone(
+            name_or_path, dtype=dtype, attn_implementation=attn_implementation, **config_kwargs
+        )
         model = cls(moca.config, moca=moca, mae_loss_weight=mae_loss_weight)
-        model.init_heads(lm_head_weight=None if model.mlm_head is None else _read_tensor(name_or_path, "lm_head.weight"))
+        lm_head = None if model.mlm_head is None else _read_tensor(name_or_path, "lm_head.weight")
+        model.init_heads(lm_head_weight=lm_head)
         return model
 
     @classmethod
@@ -654,13 +657,18 @@ class MoCaForContinualPretraining(MoCaPreTrainedModel):
         """From a MoCa checkpoint: its CPT heads when it has them (resuming), fresh heads otherwise."""
         moca = MoCaModel.from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         model = cls(moca.config, moca=moca, mae_loss_weight=mae_loss_weight)
-        heads_file = cached_file(pretrained_model_name_or_path, CPT_HEADS_FILE, _raise_exceptions_for_missing_entries=False)
+        heads_file = cached_file(
+            pretrained_model_name_or_path, CPT_HEADS_FILE, _raise_exceptions_for_missing_entries=False
+        )
         if heads_file is not None:
             model.load_heads(heads_file)
-        else:
-            if model.mlm_head is not None:
-                _logger.warning("%s has no lm_head: the MLM head starts from the input embeddings.", pretrained_model_name_or_path)
-            model.init_heads(lm_head_weight=None if model.mlm_head is None else model.moca.get_input_embeddings().weight)
+            return model
+        lm_head = None
+        if model.mlm_head is not None:
+            # An embedding checkpoint keeps no lm_head: the input embeddings are the closest start.
+            _logger.warning("%s has no lm_head: the MLM head starts as the embeddings.", pretrained_model_name_or_path)
+            lm_head = model.moca.get_input_embeddings().weight
+        model.init_heads(lm_head_weight=lm_head)
         return model
 
     @torch.no_grad()
@@ -673,9 +681,6 @@ class MoCaForContinualPretraining(MoCaPreTrainedModel):
         if self.mlm_head is not None:
             self.mlm_head.weight.copy_(lm_head_weight)
 
-    def heads_state_dict(self) -> dict[str, torch.Tensor]:
-        return {name: tensor for name, tensor in self.state_dict().items() if not name.startswith("moca.")}
-
     def load_heads(self, heads_file: str) -> None:
         missing, unexpected = self.load_state_dict(load_file(heads_file), strict=False)
         missing = [name for name in missing if not name.startswith("moca.")]
@@ -683,10 +688,18 @@ class MoCaForContinualPretraining(MoCaPreTrainedModel):
             raise ValueError(f"{heads_file}: missing {missing}, unexpected {unexpected} CPT head weights.")
 
     def save_pretrained(self, save_directory, is_main_process: bool = True, state_dict=None, **kwargs):
-        """A plain MoCa embedding checkpoint plus `cpt_heads.safetensors` (the heads, to resume)."""
-        self.moca.save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
+        """A plain MoCa embedding checkpoint plus `cpt_heads.safetensors` (the heads, to resume).
+
+        `state_dict` (what a sharded run gathers, e.g. under FSDP or DeepSpeed) replaces the module's own."""
+        state_dict = state_dict if state_dict is not None else self.state_dict()
+        backbone, heads = {}, {}
+        for name, tensor in state_dict.items():
+            if name.startswith("moca."):
+                backbone[name.removeprefix("moca.")] = tensor
+            else:
+                heads[name] = tensor.detach().contiguous().cpu()
+        self.moca.save_pretrained(save_directory, is_main_process=is_main_process, state_dict=backbone, **kwargs)
         if is_main_process:
-            heads = {name: tensor.detach().contiguous().cpu() for name, tensor in self.heads_state_dict().items()}
             save_file(heads, f"{save_directory}/{CPT_HEADS_FILE}", metadata={"format": "pt"})
 
     @torch.no_grad()
@@ -699,7 +712,9 @@ class MoCaForContinualPretraining(MoCaPreTrainedModel):
 
 def _read_tensor(name_or_path: str, key: str) -> torch.Tensor:
     """One tensor of a (possibly sharded) safetensors checkpoint, without loading the rest."""
-    index_file = cached_file(name_or_path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False)
+    index_file = cached_file(
+        name_or_path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False
+    )
     if index_file is not None:
         with open(index_file) as f:
             shard = json.load(f)["weight_map"].get(key)

@@ -11,6 +11,12 @@ from moca.cpt import CPTCollator
 from moca.testing import make_tiny_tokenizer, tiny_image_processor, tiny_vlm_config
 
 
+def model_inputs(batch: dict) -> dict:
+    """The inputs of a plain MoCa model, out of a CPT batch."""
+    keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+    return {key: batch[key] for key in keys}
+
+
 @pytest.fixture(scope="module")
 def cpt_model(tiny_vlm_dir):
     return MoCaForContinualPretraining.from_backbone(tiny_vlm_dir, dtype=torch.float32)
@@ -62,7 +68,7 @@ def test_mae_decoder_gets_the_backbone_layers_inputs(cpt_model, batch):
         position_ids = cpt_model.moca.compute_position_ids(
             batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"], None, batch["mm_token_type_ids"]
         )
-        cpt_model.moca(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")})
+        cpt_model.moca(**model_inputs(batch))
         decoded = cpt_model.mae_decode(seen["input"], batch["attention_mask"], position_ids)
     handle.remove()
     assert batch["attention_mask"].eq(0).any()  # padding present: the mask matters
@@ -111,8 +117,8 @@ def test_save_gives_a_plain_moca_checkpoint_and_resumable_heads(cpt_model, batch
     assert type(embedder).__name__ == "MoCaModel"
     assert not any(key.startswith(("mae_", "mlm_")) for key in load_file(tmp_path / "model.safetensors"))
     with torch.no_grad():
-        expected = cpt_model.moca(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")})
-        embeddings = embedder(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")})
+        expected = cpt_model.moca(**model_inputs(batch))
+        embeddings = embedder(**model_inputs(batch))
     torch.testing.assert_close(embeddings.embeddings, expected.embeddings, rtol=0, atol=0)
 
     reloaded = MoCaForContinualPretraining.from_pretrained(tmp_path, dtype=torch.float32)

@@ -23,6 +23,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
+from .processing_moca import format_prompt
+
 
 logger = logging.getLogger(__name__)
 
@@ -140,13 +142,13 @@ def _tensors(chunk: dict) -> list[torch.Tensor]:
 
 def grad_cache_step(
     encode: Callable[[dict], torch.Tensor],
-    query_chunks: Sequence[dict],
-    document_chunks: Sequence[dict],
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    chunks: Sequence[dict],
+    loss_fn: Callable[[torch.Tensor], torch.Tensor],
     backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
     no_sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> torch.Tensor:
-    """Loss and parameter gradients of `loss_fn(encode(queries), encode(documents))`, one chunk in memory at a time.
+    """Loss and parameter gradients of `loss_fn(cat([encode(chunk) for chunk in chunks]))`, one chunk in memory
+    at a time.
 
     Pass 1 encodes every chunk without a graph and back-propagates the loss to the embeddings only. Pass 2 re-encodes
     each chunk with a graph (replaying its random state, so dropout masks match) and back-propagates the cached
@@ -156,25 +158,21 @@ def grad_cache_step(
     `backward` runs the parameter backward (e.g. `accelerator.backward`); `no_sync` is entered around every chunk's
     backward except the last, so that a data-parallel wrapper reduces gradients once per step.
     """
-    chunks = [*query_chunks, *document_chunks]
     embeddings, random_states = [], []
     with torch.no_grad():
         for chunk in chunks:
             random_states.append(_RandomState(_tensors(chunk)))
             embeddings.append(encode(chunk))
 
-    detached = [embedding.detach().requires_grad_() for embedding in embeddings]
-    queries = torch.cat(detached[: len(query_chunks)])
-    documents = torch.cat(detached[len(query_chunks) :])
-    loss = loss_fn(queries, documents)
+    cached = [embedding.detach().requires_grad_() for embedding in embeddings]
+    loss = loss_fn(torch.cat(cached))
     loss.backward()
 
-    for index, (chunk, cached, random_state) in enumerate(zip(chunks, detached, random_states)):
-        is_last = index == len(chunks) - 1
+    for index, (chunk, embedding_cache, random_state) in enumerate(zip(chunks, cached, random_states)):
         with random_state.restored():
             embedding = encode(chunk)
-        surrogate = torch.dot(embedding.flatten(), cached.grad.flatten().to(embedding.dtype))
-        with contextlib.nullcontext() if is_last else no_sync():
+        surrogate = torch.dot(embedding.flatten(), embedding_cache.grad.flatten().to(embedding.dtype))
+        with contextlib.nullcontext() if index == len(chunks) - 1 else no_sync():
             backward(surrogate)
     return loss.detach()
 
@@ -379,14 +377,6 @@ def load_image(value, image_root: str | None = None) -> Image.Image:
     return image.convert("RGB")
 
 
-def apply_prompt(prompt: str | None, text: str | None) -> str:
-    """A prompt is a format string with `{text}`, or a prefix to the text."""
-    text = text or ""
-    if not prompt:
-        return text
-    return prompt.format(text=text) if "{text}" in prompt else prompt + text
-
-
 def _as_list(value) -> list:
     if value is None:
         return []
@@ -394,13 +384,14 @@ def _as_list(value) -> list:
 
 
 class ContrastiveCollator:
-    """Rows of a `MultiTaskDataset` -> `{"queries": [chunk, ...], "documents": [chunk, ...]}` of processor batches.
+    """Rows of a `MultiTaskDataset` -> `{"chunks": [processor batch, ...], "num_queries": int}`.
 
-    Documents are the positives (row order) followed by the hard negatives, at most `num_hard_negatives` per row
-    (drawn at random when a row has more). Each side is cut into chunks of `chunk_size` inputs (one chunk when
-    `chunk_size` is None), each a separately padded processor batch; a chunk without images has no pixel tensors.
-    A row whose image cannot be read is skipped with a warning naming its task, row and field
-    (`skipped_rows` counts them per task).
+    The inputs are the queries, then their positives (same order), then the hard negatives: at most
+    `num_hard_negatives` per row, drawn at random when a row has more. Queries and documents go through the model
+    together, in one forward pass (so a data-parallel wrapper sees one graph per step), or in chunks of
+    `chunk_size` inputs for GradCache; each chunk is a separately padded processor batch, without pixel tensors
+    when it has no image. A row whose image cannot be read is skipped with a warning naming its task, row and
+    field (`skipped_rows` counts them per task).
     """
 
     def __init__(
@@ -420,7 +411,7 @@ class ContrastiveCollator:
 
     def _side(self, row: dict, text_field: str, image_field: str, prompt: str | None, image_root: str | None):
         text, images = row.get(text_field), [load_image(v, image_root) for v in _as_list(row.get(image_field))]
-        return apply_prompt(prompt, text), images
+        return format_prompt(prompt, text), images
 
     def _negatives(self, row: dict) -> list[tuple[str | None, object]]:
         texts, images = _as_list(row.get("neg_text")), _as_list(row.get("neg_image"))
@@ -454,15 +445,14 @@ class ContrastiveCollator:
         queries, positives, negatives = [], [], []
         for row in rows:
             task = self.tasks[row["task"]]
-            field = None
+            field = "query_image"
             try:
-                field = "query_image"
                 query = self._side(row, "query_text", "query_image", task.query_prompt, task.image_root)
                 field = "pos_image"
                 positive = self._side(row, "pos_text", "pos_image", task.document_prompt, task.image_root)
                 field = "neg_image"
                 row_negatives = [
-                    (apply_prompt(task.document_prompt, text), [load_image(v, task.image_root) for v in _as_list(image)])
+                    (format_prompt(task.document_prompt, text), [load_image(v, task.image_root) for v in _as_list(image)])
                     for text, image in self._negatives(row)
                 ]
             except Exception as error:  # any decoding failure: PIL raises many different types
@@ -478,4 +468,4 @@ class ContrastiveCollator:
         if not queries:
             names = sorted({self.tasks[row["task"]].name for row in rows})
             raise ValueError(f"every row of a batch of {len(rows)} rows from {names} is unusable (see warnings)")
-        return {"queries": self._encode(queries), "documents": self._encode(positives + negatives)}
+        return {"chunks": self._encode(queries + positives + negatives), "num_queries": len(queries)}

@@ -62,11 +62,11 @@ def worker(rank, world_size, port, out_dir):
         for method in ("plain", "grad_cache"):
             model.zero_grad()
             if method == "grad_cache":
+                num_queries = len(local_queries)
                 loss = grad_cache_step(
                     lambda c: model(**c),
-                    [{"input_ids": local_queries[:2]}, {"input_ids": local_queries[2:]}],
-                    [{"input_ids": local_documents[:4]}, {"input_ids": local_documents[4:]}],
-                    loss_fn,
+                    [{"input_ids": rows} for rows in torch.cat([local_queries, local_documents]).split(4)],
+                    lambda e: loss_fn(e[:num_queries], e[num_queries:]),
                     no_sync=model.no_sync,
                 )
             else:

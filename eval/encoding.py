@@ -1,4 +1,4 @@
-"""Model loading and cached, resumable, multi-process encoding shared by the benchmarks."""
+"""Model loading and cached, resumable, multi-process encoding shared by the MMEB and ViDoRe evaluations."""
 
 import hashlib
 import json
@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 logger = logging.getLogger(__name__)
 
 KEY_BYTES = 16
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def init_processes() -> PartialState:
@@ -45,7 +46,9 @@ def load_model(name_or_path: str, dtype: str | None = None, device: str | torch.
     device = torch.device(device) if device is not None else PartialState().device
     if dtype is None:
         dtype = "float32" if device.type == "cpu" else "bfloat16"
-    model = AutoModel.from_pretrained(name_or_path, trust_remote_code=True, dtype=getattr(torch, dtype))
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: use one of {sorted(DTYPES)}")
+    model = AutoModel.from_pretrained(name_or_path, trust_remote_code=True, dtype=DTYPES[dtype])
     return model.to(device).eval()
 
 

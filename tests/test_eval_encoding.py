@@ -120,3 +120,11 @@ def test_loading_a_checkpoint_that_is_not_moca_says_so(tiny_vlm_dir):
 
     with pytest.raises(ValueError, match=r"is a 'qwen2_5_vl' checkpoint, not a MoCa one.*convert_original_checkpoint"):
         load_model(tiny_vlm_dir)
+
+
+def test_an_unknown_dtype_is_named(tiny_moca, tmp_path):
+    from eval.encoding import load_model
+
+    tiny_moca[0].save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"unknown dtype 'bf16': use one of \['bfloat16', 'float16', 'float32'\]"):
+        load_model(str(tmp_path), dtype="bf16")

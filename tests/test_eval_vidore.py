@@ -149,3 +149,16 @@ def test_bad_qrels_and_queries_name_dataset_config_row_and_field(tiny_moca, tmp_
     pd.DataFrame({"corpus-id": [10]}).to_parquet(folder / "corpus" / "test-00000-of-00001.parquet")
     with pytest.raises(ViDoReDataError, match=r"config 'corpus': column\(s\) \['image'\] missing"):
         evaluate_vidore(tiny_moca[0], tmp_path / "out", datasets=[str(folder)])
+
+
+def test_the_command_line_loads_a_saved_checkpoint_and_gives_the_same_scores(tiny_moca, vidore_sets, tmp_path):
+    from eval.vidore import main
+
+    checkpoint = tmp_path / "checkpoint"
+    tiny_moca[0].save_pretrained(checkpoint)
+    name = str(vidore_sets[0])
+    from_cli = main(["--model", str(checkpoint), "--output_dir", str(tmp_path / "cli"), "--datasets", name])
+    in_process = evaluate_vidore(tiny_moca[0], tmp_path / "in_process", datasets=[name])
+    assert from_cli["model"] == str(checkpoint)
+    for key, value in in_process["datasets"][name].items():
+        assert from_cli["datasets"][name][key] == pytest.approx(value, abs=1e-6), key

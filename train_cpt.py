@@ -8,7 +8,12 @@
 (with `cpt_heads.safetensors` when it was written by this script). Every `TrainingArguments` flag works
 (`--max_steps`, `--save_steps`, `--resume_from_checkpoint`, `--push_to_hub`, `--report_to`, ...). Each saved
 folder is a plain MoCa embedding checkpoint (`AutoModel.from_pretrained(dir, trust_remote_code=True)`) plus
-the CPT heads; the Trainer's checkpoints add optimizer, scheduler and RNG states for resuming.
+the CPT heads; the Trainer's checkpoints add optimizer, scheduler and RNG states for resuming
+(`--resume_from_checkpoint DIR`, or `last` for the newest checkpoint in `--output_dir`).
+
+Micro-batches are built by `--token_budget` (equivalent tokens, padding included), not by
+`--per_device_train_batch_size`, which is ignored; `--gradient_accumulation_steps` multiplies them as usual.
+Masks are drawn per row from `--seed`, so a resumed run sees the same masks as an uninterrupted one.
 """
 
 import logging
@@ -17,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import DataLoader
 from transformers import AutoConfig, HfArgumentParser, Trainer, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint, seed_worker
+from transformers.trainer_utils import get_last_checkpoint
 
 from moca import MoCaForContinualPretraining
 from moca.cpt import BudgetBatchSampler, CPTCollator, load_cpt_dataset, prepare_cpt_dataset
@@ -85,8 +90,8 @@ class CPTTrainer(Trainer):
             pin_memory=self.args.dataloader_pin_memory,
             persistent_workers=self.args.dataloader_persistent_workers and self.args.dataloader_num_workers > 0,
             prefetch_factor=self.args.dataloader_prefetch_factor,
-            worker_init_fn=seed_worker,
         )
+        # No worker seeding: the collator draws its masks from per-row generators, not from global RNG.
         # accelerate gives each process whole micro-batches (round-robin) and the same number of them.
         return self.accelerator.prepare(dataloader)
 

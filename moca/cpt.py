@@ -60,7 +60,7 @@ def load_cpt_source(source: str, split: str = "train") -> datasets.Dataset:
         if builder is None:
             raise ValueError(f"Data file {source}: unsupported format {path.suffix!r} (use parquet or jsonl).")
         dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
-    elif path.is_dir() and (path / "dataset_info.json").exists() or (path / "state.json").exists():
+    elif path.is_dir() and any((path / name).exists() for name in ("state.json", "dataset_dict.json")):
         dataset = datasets.load_from_disk(str(path))
         if isinstance(dataset, datasets.DatasetDict):
             dataset = dataset[split]
@@ -112,10 +112,11 @@ def merged_image_tokens(image_processor, height: int, width: int) -> int:
 
 
 def inspect_row(row: dict, tokenizer, image_processor, max_length: int) -> dict:
-    """Length (tokens), cost (equivalent tokens) and, for a row that cannot be trained on, why."""
+    """Length (tokens), cost (equivalent tokens) and, for a row that cannot be trained on, why (`skip_reason`,
+    the same for every row of the kind, and `skip_detail`)."""
     text = row["text"] or ""
     images = row["images"] or []
-    result = {"length": 0, "cost": 0, "skip_reason": ""}
+    result = {"length": 0, "cost": 0, "skip_reason": "", "skip_detail": ""}
     if not text.strip() and not images:
         result["skip_reason"] = "empty text"
         return result
@@ -130,7 +131,8 @@ def inspect_row(row: dict, tokenizer, image_processor, max_length: int) -> dict:
             width, height = load_image(image).size
             image_tokens += merged_image_tokens(image_processor, height, width)
         except Exception as error:  # any decoding or size error makes the row unusable, whatever its kind
-            result["skip_reason"] = f"image {position} unreadable ({type(error).__name__}: {error})"
+            result["skip_reason"] = f"image {position} unreadable"
+            result["skip_detail"] = f"{type(error).__name__}: {error}"
             return result
 
     text_tokens = len(tokenizer(text.replace(IMAGE_PLACEHOLDER, ""), add_special_tokens=True)["input_ids"])
@@ -154,23 +156,21 @@ def prepare_cpt_dataset(dataset: datasets.Dataset, processor, max_length: int, n
     reason, so that one broken sample never stops a long run.
     """
     dataset = dataset.add_column("row_id", list(range(len(dataset))))
+    parts = dict(tokenizer=processor.tokenizer, image_processor=processor.image_processor)
     dataset = dataset.map(
-        inspect_row,
-        fn_kwargs=dict(tokenizer=processor.tokenizer, image_processor=processor.image_processor, max_length=max_length),
-        num_proc=num_proc,
-        desc="Validating rows",
+        inspect_row, fn_kwargs=dict(parts, max_length=max_length), num_proc=num_proc, desc="Validating rows"
     )
     reasons = dataset["skip_reason"]
-    skipped = Counter(reason.split(" (")[0] if reason.startswith("image") else reason for reason in reasons if reason)
+    skipped = Counter(reason for reason in reasons if reason)
     if skipped:
         for reason, count in skipped.most_common():
             logger.warning("Skipping %d of %d rows: %s", count, len(dataset), reason)
-        first_bad = next(i for i, reason in enumerate(reasons) if reason)
-        logger.warning("First skipped row: index %d, %s", first_bad, reasons[first_bad])
+        first = next(i for i, reason in enumerate(reasons) if reason)
+        logger.warning("First skipped row: index %d, %s %s", first, reasons[first], dataset[first]["skip_detail"])
         dataset = dataset.filter(lambda reason: not reason, input_columns="skip_reason", num_proc=num_proc)
     if len(dataset) == 0:
         raise ValueError(f"No usable rows left after validation: {dict(skipped)}")
-    return dataset.remove_columns("skip_reason"), skipped
+    return dataset.remove_columns(["skip_reason", "skip_detail"]), skipped
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -60,10 +60,9 @@ class CPTArguments:
 
 @dataclass
 class CPTTrainingArguments(TrainingArguments):
-    # The paper's settings at 3B scale; a tiny model needs a far larger learning rate.
+    # The paper's settings at 3B scale (warmup 0.1 of training); a tiny model needs a far larger learning rate.
     learning_rate: float = field(default=2e-6, metadata={"help": "Peak learning rate (paper: 2e-6)."})
     warmup_steps: float = field(default=0.1, metadata={"help": "Warmup steps, or a fraction of training if < 1."})
-    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning rate schedule."})
     # Rows are raw text and images, turned into tensors by the collator: keep every column.
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep raw columns for the collator."})
 

@@ -29,15 +29,20 @@ def init_processes() -> PartialState:
     return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
-def load_model(name_or_path: str, dtype: str | None = None, device: str | torch.device | None = None):
-    """Load a MoCa checkpoint (local folder or Hub name) through its remote code, in eval mode.
+def load_model(
+    name_or_path: str,
+    dtype: str | None = None,
+    device: str | torch.device | None = None,
+    revision: str | None = None,
+):
+    """Load a MoCa checkpoint (local folder or Hub name, at `revision`) through its remote code, in eval mode.
 
     `dtype` defaults to bfloat16 on an accelerator and float32 on CPU; `device` to this process's device
     (one accelerator per process under `accelerate launch`).
     """
     from transformers import AutoConfig, AutoModel
 
-    model_type = AutoConfig.from_pretrained(name_or_path, trust_remote_code=True).model_type
+    model_type = AutoConfig.from_pretrained(name_or_path, trust_remote_code=True, revision=revision).model_type
     if model_type != "moca":
         raise ValueError(
             f"{name_or_path} is a {model_type!r} checkpoint, not a MoCa one (model_type 'moca'). Checkpoints of the "
@@ -48,7 +53,7 @@ def load_model(name_or_path: str, dtype: str | None = None, device: str | torch.
         dtype = "float32" if device.type == "cpu" else "bfloat16"
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}: use one of {sorted(DTYPES)}")
-    model = AutoModel.from_pretrained(name_or_path, trust_remote_code=True, dtype=DTYPES[dtype])
+    model = AutoModel.from_pretrained(name_or_path, trust_remote_code=True, revision=revision, dtype=DTYPES[dtype])
     return model.to(device).eval()
 
 

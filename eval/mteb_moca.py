@@ -73,7 +73,9 @@ class MoCaMTEBEncoder(AbsEncoder):
         dtype: str | None = None,
         **kwargs: Any,
     ) -> None:
-        self.model = model if model is not None else load_model(model_name, dtype=dtype, device=device)
+        self.model = (
+            model if model is not None else load_model(model_name, dtype=dtype, device=device, revision=revision)
+        )
         self.mteb_model_meta = moca_model_meta(model_name, self.model, revision)
 
     def encode(

@@ -125,3 +125,14 @@ def test_batches_become_moca_inputs():
     assert inputs[1]["text"] is None and [image.mode for image in inputs[1]["image"]] == ["RGB", "RGB"]
     assert batch_to_inputs({"text": ["only text"]}) == [{"text": "only text", "image": None}]
     assert batch_to_inputs({"image": [rgba]})[0]["text"] is None
+
+
+def test_the_encoder_loads_a_checkpoint_by_name(tiny_moca, tmp_path):
+    tiny_moca[0].save_pretrained(tmp_path)
+    encoder = MoCaMTEBEncoder(str(tmp_path), device="cpu")
+    meta = encoder.mteb_model_meta
+    assert meta.name == str(tmp_path) and meta.embed_dim == tiny_moca[0].config.hidden_size
+    assert meta.modalities == ["image", "text"] and meta.similarity_fn_name == "cosine"
+    torch.testing.assert_close(
+        encoder.model.encode_documents(PAGES), tiny_moca[0].encode_documents(PAGES), atol=1e-5, rtol=0
+    )

@@ -449,13 +449,14 @@ CPT_HEADS_FILE = "cpt_heads.safetensors"
 
 
 def masked_lm_loss(hidden_states: torch.Tensor, labels: torch.Tensor, head_weight: torch.Tensor,
-                   chunk_size: int = 4096) -> torch.Tensor:
+                   chunk_size: int = 1024) -> torch.Tensor:
     """Mean cross-entropy over the positions where `labels != -100`, never holding full-vocabulary logits for
     every token: the masked positions are gathered first (`(N, hidden)`), then projected `chunk_size` rows at a
     time. Each chunk runs under `torch.utils.checkpoint`, so its `(chunk_size, vocab)` logits are freed after
     the forward and recomputed in the backward: peak memory holds one chunk's logits in both passes, while
     autograd's own cross-entropy gradient keeps the result exact (a hand-written autograd function would save
-    nothing more and have to re-derive that gradient).
+    nothing more and have to re-derive that gradient). At a 151,936-token vocabulary, a chunk of 1024 rows holds
+    0.6 GB of float32 logits, against 7.8 GB for the 12,800 tokens of a full micro-batch.
     """
     positions = labels.ne(-100)
     hidden = hidden_states[positions]

@@ -93,6 +93,17 @@ class RetrievalData:
     relevance: np.ndarray  # (num_queries, num_documents) graded relevance
 
 
+def _index_of_ids(name: str, config: str, field: str, ids: list) -> dict:
+    index = {}
+    for row, identifier in enumerate(ids):
+        if identifier in index:
+            raise ViDoReDataError(
+                f"ViDoRe dataset {name!r}, config {config!r}, row {row}, field {field!r}: {identifier!r} repeats row {index[identifier]}"
+            )
+        index[identifier] = row
+    return index
+
+
 def load_retrieval_data(name: str) -> RetrievalData:
     corpus = load_config(name, "corpus")
     queries = load_config(name, "queries")
@@ -109,8 +120,8 @@ def load_retrieval_data(name: str) -> RetrievalData:
     for start in range(0, len(corpus), 64):
         for row, image in enumerate(corpus[start : start + 64]["image"], start=start):
             page_keys.append(content_key("vidore-document", hashlib.blake2b(_page_bytes(name, row, image)).digest()))
-    document_index = {document_id: row for row, document_id in enumerate(corpus["corpus-id"])}
-    query_index = {query_id: row for row, query_id in enumerate(queries["query-id"])}
+    document_index = _index_of_ids(name, "corpus", "corpus-id", corpus["corpus-id"])
+    query_index = _index_of_ids(name, "queries", "query-id", queries["query-id"])
     query_texts = queries["query"]
     for row, text in enumerate(query_texts):
         if not isinstance(text, str) or not text:

@@ -146,6 +146,11 @@ def test_bad_qrels_and_queries_name_dataset_config_row_and_field(tiny_moca, tmp_
     )
     with pytest.raises(ViDoReDataError, match=r"config 'queries', row 1, field 'query'"):
         evaluate_vidore(tiny_moca[0], tmp_path / "out", datasets=[str(folder)])
+    pd.DataFrame({"query-id": [0, 1, 0], "query": ["a", "b", "c"]}).to_parquet(
+        folder / "queries" / "test-00000-of-00001.parquet"
+    )
+    with pytest.raises(ViDoReDataError, match=r"config 'queries', row 2, field 'query-id': 0 repeats row 0"):
+        evaluate_vidore(tiny_moca[0], tmp_path / "out", datasets=[str(folder)])
     pd.DataFrame({"corpus-id": [10]}).to_parquet(folder / "corpus" / "test-00000-of-00001.parquet")
     with pytest.raises(ViDoReDataError, match=r"config 'corpus': column\(s\) \['image'\] missing"):
         evaluate_vidore(tiny_moca[0], tmp_path / "out", datasets=[str(folder)])

@@ -270,7 +270,8 @@ class MoCaModel(MoCaPreTrainedModel):
         self.eval()
         chunks = []
         for start in _progress(range(0, len(order), batch_size), show_progress_bar, len(order) > batch_size):
-            batch = self.collate([items[i] for i in order[start : start + batch_size]], processor, max_length)
+            batch_ids = order[start : start + batch_size]
+            batch = self.collate([items[i] for i in batch_ids], processor, max_length, indices=batch_ids)
             chunks.append(self(**batch.to(device)).embeddings.float().cpu())
         self.train(was_training)
 
@@ -302,10 +303,14 @@ class MoCaModel(MoCaPreTrainedModel):
         return items
 
     def collate(self, items: Sequence[tuple[str, list]], processor: MoCaProcessor | None = None,
-                max_length: int | None = None):
-        """Processor outputs (a `BatchFeature`) for a batch of `prepare_inputs` items."""
+                max_length: int | None = None, indices: Sequence[int] | None = None):
+        """Processor outputs (a `BatchFeature`) for a batch of `prepare_inputs` items.
+
+        `indices` are the items' positions in the caller's input, used to name a bad one in errors.
+        """
         processor = processor or self.processor
-        batch_images = [[_load_image(img, i) for img in images] for i, (_, images) in enumerate(items)]
+        indices = indices if indices is not None else range(len(items))
+        batch_images = [[_load_image(img, i) for img in images] for i, (_, images) in zip(indices, items)]
         return processor(
             text=[text for text, _ in items],
             images=batch_images if any(batch_images) else None,

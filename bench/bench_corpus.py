@@ -66,8 +66,14 @@ def main():
     MoCaModel.encode_documents = recorded
     rss_before = process.memory_info().rss
     start = time.perf_counter()
-    cli.embed(str(folder / "model"), str(corpus), str(folder / "index.safetensors"), batch_size=args.batch_size,
-              chunk_size=args.chunk_size, show_progress_bar=False)  # fmt: skip
+    cli.embed(
+        str(folder / "model"),
+        str(corpus),
+        str(folder / "index.safetensors"),
+        batch_size=args.batch_size,
+        chunk_size=args.chunk_size,
+        show_progress_bar=False,
+    )
     total = time.perf_counter() - start
 
     done = np.minimum(np.arange(1, len(records) + 1) * args.chunk_size, args.items)

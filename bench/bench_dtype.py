@@ -10,8 +10,16 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from common import (append_results, build_model, load_note, markdown_table, matmul_flops_per_second, mixed_workload,
-                    parameter_count, timed)  # fmt: skip
+from common import (
+    append_results,
+    build_model,
+    load_note,
+    markdown_table,
+    matmul_flops_per_second,
+    mixed_workload,
+    parameter_count,
+    timed,
+)
 
 
 def main():
@@ -44,7 +52,13 @@ def main():
     cosine = F.cosine_similarity(embeddings["fp32"], embeddings["bf16"], dim=-1)
 
     rows = [[name, f"{matmul_rate[name] / 1e9:.0f}", f"{rate[name]:.2f}"] for name in models]
-    rows.append(["**bf16 / fp32**", f"**{matmul_rate['bf16'] / matmul_rate['fp32']:.2f}x**", f"**{rate['bf16'] / rate['fp32']:.2f}x**"])
+    rows.append(
+        [
+            "**bf16 / fp32**",
+            f"**{matmul_rate['bf16'] / matmul_rate['fp32']:.2f}x**",
+            f"**{rate['bf16'] / rate['fp32']:.2f}x**",
+        ]
+    )
     body = (
         f"Model: {parameter_count(models['fp32']) / 1e6:.1f}M parameters (text hidden {args.hidden_size}, "
         f"{args.num_layers} layers); {len(inputs)} mixed inputs (text, image, text+image), batch size {args.batch_size}; "

@@ -8,15 +8,27 @@ import argparse
 
 import torch
 
-from common import (append_results, build_model, load_note, markdown_table, matmul_flops_per_second, mixed_workload,
-                    parameter_count, timed, workload_flops)  # fmt: skip
+from common import (
+    append_results,
+    build_model,
+    load_note,
+    markdown_table,
+    matmul_flops_per_second,
+    mixed_workload,
+    parameter_count,
+    timed,
+    workload_flops,
+)
 
 
 @torch.inference_mode()
 def encode_in_arrival_order(model, inputs: list, batch_size: int) -> torch.Tensor:
     """The same preparation and forward as `encode`, with batches taken in the order the inputs came."""
     items = model.prepare_inputs(inputs)
-    chunks = [model(**model.collate(items[start : start + batch_size])).embeddings for start in range(0, len(items), batch_size)]
+    chunks = [
+        model(**model.collate(items[start : start + batch_size])).embeddings
+        for start in range(0, len(items), batch_size)
+    ]
     return torch.cat(chunks)
 
 
@@ -47,8 +59,18 @@ def main():
     difference = (sorted_embeddings - arrival_embeddings.float()).abs().max().item()
 
     rows = [
-        ["cost-sorted batches (`encode`)", f"{sorted_rate:.1f}", f"{sorted_rate * flops_per_item / 1e9:.0f}", f"{sorted_rate / achievable:.2f}"],
-        ["arrival-order batches", f"{arrival_rate:.1f}", f"{arrival_rate * flops_per_item / 1e9:.0f}", f"{arrival_rate / achievable:.2f}"],
+        [
+            "cost-sorted batches (`encode`)",
+            f"{sorted_rate:.1f}",
+            f"{sorted_rate * flops_per_item / 1e9:.0f}",
+            f"{sorted_rate / achievable:.2f}",
+        ],
+        [
+            "arrival-order batches",
+            f"{arrival_rate:.1f}",
+            f"{arrival_rate * flops_per_item / 1e9:.0f}",
+            f"{arrival_rate / achievable:.2f}",
+        ],
         ["achievable (fp32 matmul rate / FLOPs per item)", f"{achievable:.1f}", f"{matmul_rate / 1e9:.0f}", "1.00"],
     ]
     body = (

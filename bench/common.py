@@ -25,8 +25,9 @@ RESULTS_FILE = Path(os.environ.get("MOCA_BENCH_RESULTS", Path(__file__).resolve(
 _WORDS = "the a red blue circle square page report chart revenue energy lecture table figure shows of and in on".split()
 
 
-def build_model(hidden_size: int = 512, num_layers: int = 8, max_pixels: int = 224 * 224, dtype=torch.float32,
-                seed: int = 0) -> MoCaModel:
+def build_model(
+    hidden_size: int = 512, num_layers: int = 8, max_pixels: int = 224 * 224, dtype=torch.float32, seed: int = 0
+) -> MoCaModel:
     """A random MoCa model on a small Qwen2.5-VL backbone (tens of millions of parameters at the defaults)."""
     folder = tempfile.mkdtemp(prefix="moca-bench-")
     backbone = make_tiny_vlm(folder, hidden_size=hidden_size, num_layers=num_layers, max_pixels=max_pixels, seed=seed)
@@ -73,11 +74,16 @@ def model_flops(model: MoCaModel, batch) -> float:
     vision_params = sum(p.numel() for p in model.vlm.visual.parameters())
     lengths = batch["attention_mask"].sum(-1).double()
     text_config = model.config.vlm_config.get_text_config()
-    flops = 2 * text_params * lengths.sum() + 4 * text_config.num_hidden_layers * text_config.hidden_size * (lengths**2).sum()
+    flops = (
+        2 * text_params * lengths.sum()
+        + 4 * text_config.num_hidden_layers * text_config.hidden_size * (lengths**2).sum()
+    )
     if "image_grid_thw" in batch:
         patches = batch["image_grid_thw"].prod(-1).double()
         vision_config = model.config.vlm_config.vision_config
-        flops += 2 * vision_params * patches.sum() + 4 * vision_config.depth * vision_config.hidden_size * (patches**2).sum()
+        flops += (
+            2 * vision_params * patches.sum() + 4 * vision_config.depth * vision_config.hidden_size * (patches**2).sum()
+        )
     return float(flops)
 
 

@@ -58,7 +58,9 @@ def folder_items(folder: Path) -> tuple[list[str], list, list[str | None], list[
             continue
         ids.append(str(path.relative_to(folder)))
     if not ids:
-        raise ValueError(f"{folder}: no image ({', '.join(IMAGE_EXTENSIONS)}) or text ({', '.join(TEXT_EXTENSIONS)}) files.")
+        raise ValueError(
+            f"{folder}: no image ({', '.join(IMAGE_EXTENSIONS)}) or text ({', '.join(TEXT_EXTENSIONS)}) files."
+        )
     return ids, inputs, texts, images
 
 
@@ -74,7 +76,9 @@ def load_rows(name: str, split: str):
     if is_saved_dataset(path):
         rows = datasets.load_from_disk(str(path))
     elif path.is_file():
-        rows = datasets.load_dataset(path.suffix.lstrip(".").replace("jsonl", "json"), data_files=str(path), split=split)
+        rows = datasets.load_dataset(
+            path.suffix.lstrip(".").replace("jsonl", "json"), data_files=str(path), split=split
+        )
     else:
         rows = datasets.load_dataset(name, split=split)
     if isinstance(rows, datasets.DatasetDict):
@@ -115,7 +119,9 @@ def dataset_items(name: str, split: str, text_column: str | None, image_column: 
         if column is not None and column not in columns:
             raise ValueError(f"{name}: no {label} column {column!r} (columns: {columns}).")
     if text_column is None and image_column is None:
-        raise ValueError(f"{name}: no 'text' or 'image' column (columns: {columns}); pass --text_column/--image_column.")
+        raise ValueError(
+            f"{name}: no 'text' or 'image' column (columns: {columns}); pass --text_column/--image_column."
+        )
     ids = [str(i) for i in rows[id_column]] if id_column else [str(i) for i in range(len(rows))]
     texts = rows[text_column] if text_column else [None] * len(rows)
     return ids, DatasetItems(rows, text_column, image_column), texts, [None] * len(rows)
@@ -124,9 +130,19 @@ def dataset_items(name: str, split: str, text_column: str | None, image_column: 
 # ---------------------------------------------------------------------------------------------- embed
 
 
-def embed(model_path: str, input_path: str, output: str, batch_size: int = 32, chunk_size: int = 1024,
-          split: str = "train", text_column: str | None = None, image_column: str | None = None,
-          id_column: str | None = None, dtype: str | None = None, show_progress_bar: bool = True) -> Index:
+def embed(
+    model_path: str,
+    input_path: str,
+    output: str,
+    batch_size: int = 32,
+    chunk_size: int = 1024,
+    split: str = "train",
+    text_column: str | None = None,
+    image_column: str | None = None,
+    id_column: str | None = None,
+    dtype: str | None = None,
+    show_progress_bar: bool = True,
+) -> Index:
     """Embed every item of a folder or dataset as a document and write the index to `output`."""
     from tqdm.auto import tqdm
 
@@ -157,8 +173,9 @@ def embed(model_path: str, input_path: str, output: str, batch_size: int = 32, c
                 chunks.append(load_file(chunk_file)["embeddings"])
             else:
                 try:
-                    embeddings = model.encode_documents(inputs[start : start + chunk_size], batch_size=batch_size,
-                                                        show_progress_bar=False)  # fmt: skip
+                    embeddings = model.encode_documents(
+                        inputs[start : start + chunk_size], batch_size=batch_size, show_progress_bar=False
+                    )
                 except ValueError as error:  # `encode` counts inputs from the start of the chunk
                     raise ValueError(f"Items {start}.. (first: {ids[start]!r}): {error}") from error
                 save_file({"embeddings": embeddings.contiguous()}, chunk_file)
@@ -176,19 +193,26 @@ def write_index(index: Index, output: Path) -> None:
     tmp = output.with_name(output.name + ".tmp")
     if output.suffix == ".safetensors":
         columns = {"ids": index.ids, "texts": index.texts, "images": index.images, "model": index.model}
-        save_file({"embeddings": index.embeddings.float().contiguous()}, tmp,
-                  metadata={name: json.dumps(value) for name, value in columns.items()})  # fmt: skip
+        save_file(
+            {"embeddings": index.embeddings.float().contiguous()},
+            tmp,
+            metadata={name: json.dumps(value) for name, value in columns.items()},
+        )
     else:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         dim = index.embeddings.shape[1]
-        table = pa.table({
-            "id": index.ids,
-            "text": pa.array(index.texts, pa.string()),
-            "image": pa.array(index.images, pa.string()),
-            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(index.embeddings.float().flatten().numpy()), dim),
-        }).replace_schema_metadata({"model": index.model})  # fmt: skip
+        table = pa.table(
+            {
+                "id": index.ids,
+                "text": pa.array(index.texts, pa.string()),
+                "image": pa.array(index.images, pa.string()),
+                "embedding": pa.FixedSizeListArray.from_arrays(
+                    pa.array(index.embeddings.float().flatten().numpy()), dim
+                ),
+            }
+        ).replace_schema_metadata({"model": index.model})
         pq.write_table(table, tmp)
     os.replace(tmp, output)
 
@@ -224,8 +248,13 @@ def read_index(path: str | Path) -> Index:
 # ---------------------------------------------------------------------------------------------- search
 
 
-def search(index_path: str, query: str | None = None, query_image: str | None = None, model_path: str | None = None,
-           top_k: int = 5) -> list[tuple[float, int]]:
+def search(
+    index_path: str,
+    query: str | None = None,
+    query_image: str | None = None,
+    model_path: str | None = None,
+    top_k: int = 5,
+) -> list[tuple[float, int]]:
     """Cosine scores of the query against the index: the `top_k` best as (score, item number), best first."""
     from .modeling_moca import MoCaModel
 
@@ -260,12 +289,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     embed_parser = commands.add_parser("embed", help="Embed a folder or a datasets dataset into an index file.")
     embed_parser.add_argument("--model", required=True, help="MoCa checkpoint: a folder or a Hub name.")
-    embed_parser.add_argument("--input", required=True, help="A folder of images and .txt files, or a dataset (Hub name, save_to_disk folder, data file).")
+    embed_parser.add_argument(
+        "--input",
+        required=True,
+        help="A folder of images and .txt files, or a dataset (Hub name, save_to_disk folder, data file).",
+    )
     embed_parser.add_argument("--output", required=True, help="Index file: .safetensors or .parquet.")
     embed_parser.add_argument("--batch_size", type=int, default=32)
     embed_parser.add_argument("--split", default="train", help="Dataset split.")
     embed_parser.add_argument("--text_column", default=None, help="Dataset text column (default: 'text' if present).")
-    embed_parser.add_argument("--image_column", default=None, help="Dataset image column (default: 'image' if present).")
+    embed_parser.add_argument(
+        "--image_column", default=None, help="Dataset image column (default: 'image' if present)."
+    )
     embed_parser.add_argument("--id_column", default=None, help="Dataset id column (default: the row number).")
     embed_parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
 
@@ -281,12 +316,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.command == "embed":
-        index = embed(args.model, args.input, args.output, batch_size=args.batch_size, split=args.split,
-                      text_column=args.text_column, image_column=args.image_column, id_column=args.id_column,
-                      dtype=args.dtype)  # fmt: skip
+        index = embed(
+            args.model,
+            args.input,
+            args.output,
+            batch_size=args.batch_size,
+            split=args.split,
+            text_column=args.text_column,
+            image_column=args.image_column,
+            id_column=args.id_column,
+            dtype=args.dtype,
+        )
         print(f"{len(index.ids)} items, {index.embeddings.shape[1]} dimensions -> {args.output}")
     else:
-        results = search(args.index, query=args.query, query_image=args.query_image, model_path=args.model, top_k=args.top_k)
+        results = search(
+            args.index, query=args.query, query_image=args.query_image, model_path=args.model, top_k=args.top_k
+        )
         print_results(args.index, results)
 
 

@@ -13,13 +13,30 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 
 MMEB_DATASET = "TIGER-Lab/MMEB-eval"
-CARD_TAGS = ["moca", "multimodal-embedding", "sentence-transformers", "feature-extraction", "sentence-similarity",
-             "vision-language", "retrieval"]  # fmt: skip
+CARD_TAGS = [
+    "moca",
+    "multimodal-embedding",
+    "sentence-transformers",
+    "feature-extraction",
+    "sentence-similarity",
+    "vision-language",
+    "retrieval",
+]
 # Always shown when a `TrainingArguments` (or another dataclass) is given; other fields only when changed.
 KEY_HYPERPARAMETERS = (
-    "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "max_steps",
-    "warmup_ratio", "warmup_steps", "lr_scheduler_type", "weight_decay", "optim", "bf16", "seed",
-)  # fmt: skip
+    "learning_rate",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "num_train_epochs",
+    "max_steps",
+    "warmup_ratio",
+    "warmup_steps",
+    "lr_scheduler_type",
+    "weight_decay",
+    "optim",
+    "bf16",
+    "seed",
+)
 # Never written into a card: secrets and machine-local paths.
 _PRIVATE_WORDS = ("token", "dir", "path", "hub_", "report_to", "logging_", "push_to_hub", "resume")
 
@@ -186,7 +203,9 @@ def _load_eval_results(eval_results) -> list[dict]:
     results = [eval_results] if isinstance(eval_results, Mapping) else list(eval_results)
     for result in results:
         if result.get("benchmark") not in ("MMEB", "ViDoRe-v2"):
-            raise ValueError(f"Unknown evaluation results (benchmark {result.get('benchmark')!r}); expected MMEB or ViDoRe-v2.")
+            raise ValueError(
+                f"Unknown evaluation results (benchmark {result.get('benchmark')!r}); expected MMEB or ViDoRe-v2."
+            )
     return results
 
 
@@ -199,19 +218,42 @@ def _model_index(results: list[dict]) -> list[EvalResult]:
     for result in results:
         if result["benchmark"] == "MMEB":
             dataset = result.get("dataset", MMEB_DATASET)
-            common = dict(task_type="feature-extraction", task_name="Multimodal embedding", dataset_type=dataset,
-                          metric_type="precision_at_1", metric_name="Precision@1", dataset_split="test")  # fmt: skip
-            entries.append(EvalResult(dataset_name="MMEB (overall)", metric_value=_percent(result["overall"]["precision_at_1"]), **common))
+            common = dict(
+                task_type="feature-extraction",
+                task_name="Multimodal embedding",
+                dataset_type=dataset,
+                metric_type="precision_at_1",
+                metric_name="Precision@1",
+                dataset_split="test",
+            )
+            entries.append(
+                EvalResult(
+                    dataset_name="MMEB (overall)", metric_value=_percent(result["overall"]["precision_at_1"]), **common
+                )
+            )
             for subset, scores in result["subsets"].items():
-                entries.append(EvalResult(dataset_name=f"MMEB {subset}", dataset_config=subset,
-                                          metric_value=_percent(scores["precision_at_1"]), **common))  # fmt: skip
+                entries.append(
+                    EvalResult(
+                        dataset_name=f"MMEB {subset}",
+                        dataset_config=subset,
+                        metric_value=_percent(scores["precision_at_1"]),
+                        **common,
+                    )
+                )
         else:
             for name, scores in result["datasets"].items():
-                entries.append(EvalResult(
-                    task_type="visual-document-retrieval", task_name="Visual document retrieval", dataset_type=name,
-                    dataset_name=f"ViDoRe-v2 {name.split('/')[-1]}", dataset_split="test", metric_type="ndcg_at_5",
-                    metric_name="nDCG@5", metric_value=_percent(scores["ndcg_at_5"]),
-                ))  # fmt: skip
+                entries.append(
+                    EvalResult(
+                        task_type="visual-document-retrieval",
+                        task_name="Visual document retrieval",
+                        dataset_type=name,
+                        dataset_name=f"ViDoRe-v2 {name.split('/')[-1]}",
+                        dataset_split="test",
+                        metric_type="ndcg_at_5",
+                        metric_name="nDCG@5",
+                        metric_value=_percent(scores["ndcg_at_5"]),
+                    )
+                )
     return entries
 
 
@@ -221,7 +263,9 @@ def _results_section(results: list[dict]) -> list[str]:
         if result["benchmark"] == "MMEB":
             header = ["Overall", *result["categories"], *result["splits"]]
             values = [result["overall"], *result["categories"].values(), *result["splits"].values()]
-            sections.append("MMEB, Precision@1 (%):\n\n" + _markdown_table(header, [[v["precision_at_1"] for v in values]]))
+            sections.append(
+                "MMEB, Precision@1 (%):\n\n" + _markdown_table(header, [[v["precision_at_1"] for v in values]])
+            )
         else:
             rows = [[name, scores["ndcg_at_5"]] for name, scores in result["datasets"].items()]
             rows.append(["Average", result["average"]["ndcg_at_5"]])

@@ -87,14 +87,25 @@ class MoCaSentenceTransformer(InputModule):
     ) -> "MoCaSentenceTransformer":
         if backend != "torch":
             raise ValueError(f"MoCa runs on the torch backend only, not {backend!r}.")
-        hub_kwargs = {"token": token, "cache_dir": cache_folder, "revision": revision, "local_files_only": local_files_only}
+        hub_kwargs = {
+            "token": token,
+            "cache_dir": cache_folder,
+            "revision": revision,
+            "local_files_only": local_files_only,
+        }
         if subfolder:
             hub_kwargs["subfolder"] = subfolder
         settings = cls.load_config(
-            model_name_or_path, subfolder=subfolder, token=token, cache_folder=cache_folder, revision=revision,
+            model_name_or_path,
+            subfolder=subfolder,
+            token=token,
+            cache_folder=cache_folder,
+            revision=revision,
             local_files_only=local_files_only,
-        )  # fmt: skip
-        model = MoCaModel.from_pretrained(model_name_or_path, **hub_kwargs, **(config_kwargs or {}), **(model_kwargs or {}))
+        )
+        model = MoCaModel.from_pretrained(
+            model_name_or_path, **hub_kwargs, **(config_kwargs or {}), **(model_kwargs or {})
+        )
         if processor_kwargs:
             model.processor = MoCaProcessor.from_pretrained(model_name_or_path, **hub_kwargs, **processor_kwargs)
         return cls(model, **settings)

@@ -45,7 +45,19 @@ def item_folder(tmp_path_factory):
 def test_embed_then_search_returns_cosine_order(moca_checkpoint, item_folder, tiny_moca, tmp_path):
     model, _ = tiny_moca
     output = tmp_path / "index.safetensors"
-    cli.main(["embed", "--model", str(moca_checkpoint), "--input", str(item_folder), "--output", str(output), "--batch_size", "3"])
+    cli.main(
+        [
+            "embed",
+            "--model",
+            str(moca_checkpoint),
+            "--input",
+            str(item_folder),
+            "--output",
+            str(output),
+            "--batch_size",
+            "3",
+        ]
+    )
 
     index = cli.read_index(output)
     assert index.ids == ["a.txt", "b.txt", "d.txt", "pages/blue.jpg", "pages/c.md", "pages/white.webp", "red.png"]
@@ -59,10 +71,15 @@ def test_embed_then_search_returns_cosine_order(moca_checkpoint, item_folder, ti
     # The search command itself, in a fresh process outside the repository.
     result = subprocess.run(
         [sys.executable, "-m", "moca", "search", "--index", str(output), "--query", query, "--top_k", "4"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    printed = [re.match(r"\s*(\d+)\s+(-?\d+\.\d+)\s+(\S+)", line).groups() for line in result.stdout.strip().splitlines()]
+    printed = [
+        re.match(r"\s*(\d+)\s+(-?\d+\.\d+)\s+(\S+)", line).groups() for line in result.stdout.strip().splitlines()
+    ]
     assert [item for _, _, item in printed] == expected_order
     printed_scores = torch.tensor([float(score) for _, score, _ in printed])
     torch.testing.assert_close(printed_scores, scores.sort(descending=True).values[:4], atol=1e-4, rtol=0)
@@ -72,17 +89,32 @@ def test_dataset_to_parquet_and_image_query(moca_checkpoint, tiny_moca, tmp_path
     model, _ = tiny_moca
     images = [Image.new("RGB", (56 + 28 * i, 84), color) for i, color in enumerate(["red", "green", "blue"])]
     rows = datasets.Dataset.from_dict(
-        {"doc_id": ["r", "g", "b", "t"], "text": [None, "Green page <image>", None, "A text only row."], "image": [*images, None]},
-        features=datasets.Features({"doc_id": datasets.Value("string"), "text": datasets.Value("string"), "image": datasets.Image()}),
-    )  # fmt: skip
+        {
+            "doc_id": ["r", "g", "b", "t"],
+            "text": [None, "Green page <image>", None, "A text only row."],
+            "image": [*images, None],
+        },
+        features=datasets.Features(
+            {"doc_id": datasets.Value("string"), "text": datasets.Value("string"), "image": datasets.Image()}
+        ),
+    )
     rows.save_to_disk(tmp_path / "dataset")
     output = tmp_path / "index.parquet"
-    index = cli.embed(str(moca_checkpoint), str(tmp_path / "dataset"), str(output), batch_size=2, chunk_size=3,
-                      id_column="doc_id", show_progress_bar=False)  # fmt: skip
+    index = cli.embed(
+        str(moca_checkpoint),
+        str(tmp_path / "dataset"),
+        str(output),
+        batch_size=2,
+        chunk_size=3,
+        id_column="doc_id",
+        show_progress_bar=False,
+    )
     read = cli.read_index(output)
     assert read.ids == ["r", "g", "b", "t"] and read.texts == [None, "Green page <image>", None, "A text only row."]
     torch.testing.assert_close(read.embeddings, index.embeddings)
-    expected = model.encode_documents([images[0], {"text": "Green page <image>", "image": images[1]}, images[2], "A text only row."])
+    expected = model.encode_documents(
+        [images[0], {"text": "Green page <image>", "image": images[1]}, images[2], "A text only row."]
+    )
     torch.testing.assert_close(read.embeddings, expected, atol=ATOL, rtol=0)
 
     images[2].save(tmp_path / "query.png")
@@ -113,7 +145,13 @@ def test_interrupted_embed_resumes_from_saved_chunks(moca_checkpoint, item_folde
     calls.clear()
     monkeypatch.setattr(MoCaModel, "encode_documents", original)
     resumed = cli.embed(str(moca_checkpoint), str(item_folder), str(output), chunk_size=4, show_progress_bar=False)
-    fresh = cli.embed(str(moca_checkpoint), str(item_folder), str(tmp_path / "fresh.safetensors"), chunk_size=4, show_progress_bar=False)
+    fresh = cli.embed(
+        str(moca_checkpoint),
+        str(item_folder),
+        str(tmp_path / "fresh.safetensors"),
+        chunk_size=4,
+        show_progress_bar=False,
+    )
     torch.testing.assert_close(resumed.embeddings, fresh.embeddings)
     assert not (tmp_path / "index.safetensors.partial").exists()
 
@@ -122,7 +160,9 @@ def test_bad_inputs_name_the_problem(moca_checkpoint, tmp_path):
     rows = datasets.Dataset.from_dict({"text": ["fine", None], "image": [None, None]})
     rows.save_to_disk(tmp_path / "dataset")
     with pytest.raises(ValueError, match="Row 1: no text and no image"):
-        cli.embed(str(moca_checkpoint), str(tmp_path / "dataset"), str(tmp_path / "i.safetensors"), show_progress_bar=False)
+        cli.embed(
+            str(moca_checkpoint), str(tmp_path / "dataset"), str(tmp_path / "i.safetensors"), show_progress_bar=False
+        )
     with pytest.raises(ValueError, match=r"\.safetensors or \.parquet"):
         cli.embed(str(moca_checkpoint), str(tmp_path / "dataset"), str(tmp_path / "index.npy"))
     with pytest.raises(ValueError, match="exactly one of --query and --query_image"):

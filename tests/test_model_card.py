@@ -25,26 +25,55 @@ def moca_checkpoint(tiny_moca, tmp_path_factory):
 def _eval_folder(folder: Path) -> Path:
     """Result files as eval.mmeb and eval.vidore write them."""
     per_subset = {
-        "ImageNet-1K": {"precision_at_1": 0.5, "num_rows": 4, "num_inputs": 8, "category": "Classification", "split": "IND"},
+        "ImageNet-1K": {
+            "precision_at_1": 0.5,
+            "num_rows": 4,
+            "num_inputs": 8,
+            "category": "Classification",
+            "split": "IND",
+        },
         "ChartQA": {"precision_at_1": 0.25, "num_rows": 4, "num_inputs": 8, "category": "VQA", "split": "OOD"},
     }
-    mmeb = {"benchmark": "MMEB", "model": "tiny", "metric": "precision_at_1", "subsets": per_subset, **summarize(per_subset)}
+    mmeb = {
+        "benchmark": "MMEB",
+        "model": "tiny",
+        "metric": "precision_at_1",
+        "subsets": per_subset,
+        **summarize(per_subset),
+    }
     write_mmeb_results(folder, mmeb)
-    scores = {"ndcg_at_5": 0.6123, "ndcg_at_10": 0.7, "recall_at_1": 0.3, "recall_at_5": 0.6, "recall_at_10": 0.8, "num_queries": 5}
+    scores = {
+        "ndcg_at_5": 0.6123,
+        "ndcg_at_10": 0.7,
+        "recall_at_1": 0.3,
+        "recall_at_5": 0.6,
+        "recall_at_10": 0.8,
+        "num_queries": 5,
+    }
     vidore = {
-        "benchmark": "ViDoRe-v2", "model": "tiny", "metric": "ndcg_at_5",
-        "datasets": {"vidore/esg_reports_v2": scores}, "average": {k: v for k, v in scores.items() if k != "num_queries"},
-    }  # fmt: skip
+        "benchmark": "ViDoRe-v2",
+        "model": "tiny",
+        "metric": "ndcg_at_5",
+        "datasets": {"vidore/esg_reports_v2": scores},
+        "average": {k: v for k, v in scores.items() if k != "num_queries"},
+    }
     write_vidore_results(folder, vidore)
     return folder
 
 
 def test_card_metadata_parses_with_model_index(moca_checkpoint, tmp_path):
-    training_args = TrainingArguments(output_dir=str(tmp_path / "run"), learning_rate=2e-5, hub_token="hf_secret", seed=7)
+    training_args = TrainingArguments(
+        output_dir=str(tmp_path / "run"), learning_rate=2e-5, hub_token="hf_secret", seed=7
+    )
     write_model_card(
-        moca_checkpoint, tmp_path / "card", model_id="someone/moca-tiny", base_model="Qwen/Qwen2.5-VL-3B-Instruct",
-        datasets=["moca-embed/MoCa-CL-Pairs"], training_args=training_args, eval_results=_eval_folder(tmp_path / "eval"),
-    )  # fmt: skip
+        moca_checkpoint,
+        tmp_path / "card",
+        model_id="someone/moca-tiny",
+        base_model="Qwen/Qwen2.5-VL-3B-Instruct",
+        datasets=["moca-embed/MoCa-CL-Pairs"],
+        training_args=training_args,
+        eval_results=_eval_folder(tmp_path / "eval"),
+    )
     text = (tmp_path / "card" / "README.md").read_text()
     card = ModelCard.load(tmp_path / "card" / "README.md")
     data = card.data
@@ -72,7 +101,9 @@ def test_save_pretrained_writes_a_card_whose_snippets_run(moca_checkpoint, tmp_p
     for number, snippet in enumerate(snippets):
         paths.append(tmp_path / f"snippet_{number}.py")
         paths[-1].write_text(snippet)
-    result = subprocess.run([sys.executable, "-c", runner, *map(str, paths)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", runner, *map(str, paths)], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     printed = re.findall(r"-?\d+\.\d+", result.stdout)
     assert len(printed) >= 6  # a 1 x 3 score matrix from each snippet
@@ -98,10 +129,20 @@ def test_push_to_hub_uploads_weights_code_processor_card(tiny_moca, monkeypatch)
     model.push_to_hub("someone/moca-tiny", tags=["my-tag"], datasets=["moca-embed/MoCa-CL-Pairs"])
 
     expected = {
-        "model.safetensors", "config.json", "configuration_moca.py", "modeling_moca.py", "processing_moca.py",
-        "model_card.py", "sentence_transformers_moca.py", "processor_config.json", "tokenizer.json",
-        "tokenizer_config.json", "modules.json", "config_sentence_transformers.json", "README.md",
-    }  # fmt: skip
+        "model.safetensors",
+        "config.json",
+        "configuration_moca.py",
+        "modeling_moca.py",
+        "processing_moca.py",
+        "model_card.py",
+        "sentence_transformers_moca.py",
+        "processor_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "modules.json",
+        "config_sentence_transformers.json",
+        "README.md",
+    }
     assert expected <= set(uploaded), expected - set(uploaded)
     assert uploaded["repo_id"] == "someone/moca-tiny"
     card = uploaded["README.md"].decode()

@@ -82,8 +82,11 @@ def moca_checkpoint(tiny_moca, tmp_path_factory):
 def _encode_in_fresh_process(checkpoint, output, save_to, image_path, cwd):
     result = subprocess.run(
         [sys.executable, "-c", _ENCODE_SCRIPT, str(checkpoint), str(output), str(save_to), str(image_path)],
-        cwd=cwd, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return load_file(output)
 
@@ -91,7 +94,9 @@ def _encode_in_fresh_process(checkpoint, output, save_to, image_path, cwd):
 def test_checkpoint_files_make_a_sentence_transformers_model(moca_checkpoint, tiny_moca):
     model, _ = tiny_moca
     modules = json.loads((moca_checkpoint / "modules.json").read_text())
-    assert modules == [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers_moca.MoCaSentenceTransformer"}]
+    assert modules == [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers_moca.MoCaSentenceTransformer"}
+    ]
     settings = json.loads((moca_checkpoint / "config_sentence_transformers.json").read_text())
     assert settings["similarity_fn_name"] == "cosine"
     assert settings["prompts"] == {"query": model.config.query_prompt, "document": model.config.document_prompt}
@@ -117,7 +122,9 @@ def test_round_trip_in_fresh_processes_equals_moca_encode(moca_checkpoint, tiny_
     assert (prefix_only[0] - expected["query"][0]).abs().max() > 1e-3
 
     reloaded_from = tmp_path / "saved_by_sentence_transformers"
-    first = _encode_in_fresh_process(moca_checkpoint, tmp_path / "first.safetensors", reloaded_from, image_path, tmp_path)
+    first = _encode_in_fresh_process(
+        moca_checkpoint, tmp_path / "first.safetensors", reloaded_from, image_path, tmp_path
+    )
     second = _encode_in_fresh_process(reloaded_from, tmp_path / "second.safetensors", "-", image_path, tmp_path)
     for got in (first, second):
         for name, reference in expected.items():
@@ -144,7 +151,9 @@ def test_prompt_with_text_after_placeholder_and_max_seq_length(tiny_moca):
     st.max_seq_length = 5
     features = st.preprocess(texts)
     assert features["input_ids"].shape[1] == 5
-    torch.testing.assert_close(st.encode(texts, convert_to_tensor=True), model.encode(texts, max_length=5), atol=ATOL, rtol=0)
+    torch.testing.assert_close(
+        st.encode(texts, convert_to_tensor=True), model.encode(texts, max_length=5), atol=ATOL, rtol=0
+    )
 
 
 def test_chat_messages_are_refused_with_a_clear_error(tiny_moca):

@@ -200,6 +200,19 @@ def add_lora(model: MoCaModel, args: ContrastiveArguments):
 # Trainer
 
 
+def keep_rank_slices(prepared: DataLoader, sampler: TaskBatchSampler) -> DataLoader:
+    """Undo accelerate's re-sharding of a dataloader whose batch sampler is already rank-aware.
+
+    The sampler gives each process its slice of the same global batch; accelerate's shard wrapper would hand out
+    whole batches round-robin (other tasks on other processes, and a fraction of the batches). Making the wrapper a
+    passthrough is what the Trainer does for its own rank-aware batch sampler.
+    """
+    shard = getattr(prepared, "batch_sampler", None)
+    if shard is not None and getattr(shard, "batch_sampler", None) is sampler:
+        shard.num_processes, shard.process_index = 1, 0
+    return prepared
+
+
 class ContrastiveTrainer(Trainer):
     """Trainer with InfoNCE over the global batch, task-aware batches, GradCache, and MoCa checkpoints with a card."""
 
@@ -234,14 +247,7 @@ class ContrastiveTrainer(Trainer):
                 seed_worker, num_workers=self.args.dataloader_num_workers, rank=self.args.process_index
             ),
         )
-        prepared = self.accelerator.prepare(dataloader)
-        # The sampler already gives each process its slice of the same global batch; accelerate's shard wrapper
-        # would hand out whole batches round-robin (other tasks on other processes): make it a passthrough, as
-        # the Trainer does for its own rank-aware batch sampler.
-        shard = getattr(prepared, "batch_sampler", None)
-        if shard is not None and getattr(shard, "batch_sampler", None) is sampler:
-            shard.num_processes, shard.process_index = 1, 0
-        return prepared
+        return keep_rank_slices(self.accelerator.prepare(dataloader), sampler)
 
     def _loss(self, embeddings: torch.Tensor, num_queries: int) -> torch.Tensor:
         return contrastive_loss(

@@ -61,3 +61,22 @@ def test_without_task_aware_batching_batches_mix_tasks():
 def test_global_batch_must_split_evenly():
     with pytest.raises(ValueError, match="not divisible by 3 processes"):
         TaskBatchSampler(TASK_SIZES, 8, num_replicas=3)
+
+
+def test_accelerate_keeps_each_process_slice_and_forwards_set_epoch():
+    """What the Trainer gets on rank 1 of 2: accelerate's prepared dataloader around the task sampler."""
+    from accelerate.data_loader import prepare_data_loader
+    from torch.utils.data import DataLoader
+
+    from train_contrastive import keep_rank_slices
+
+    sampler = TaskBatchSampler(TASK_SIZES, 8, num_replicas=2, rank=1, seed=3)
+    dataloader = DataLoader(list(range(sum(TASK_SIZES))), batch_sampler=sampler, collate_fn=list)
+    prepared = prepare_data_loader(dataloader, num_processes=2, process_index=1, put_on_device=False)
+    assert [batch for batch in prepared] != list(sampler)  # re-sharded as accelerate does by default
+    prepared = keep_rank_slices(prepared, sampler)
+    assert [batch for batch in prepared] == list(sampler)
+    assert len(prepared) == len(sampler)
+    # The Trainer reaches the sampler through the wrapper to set the epoch.
+    prepared.batch_sampler.batch_sampler.set_epoch(5)
+    assert [batch for batch in prepared] == [batch[4:] for batch in global_batches(2, epoch=5)]

@@ -298,8 +298,10 @@ class ContrastiveTrainer(Trainer):
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         super()._save(output_dir, state_dict)
-        if self.args.should_save:
-            self.create_model_card(output_dir=output_dir or self.args.output_dir)
+        output_dir = output_dir or self.args.output_dir
+        # A LoRA checkpoint holds the adapter alone: no MoCa checkpoint to describe.
+        if self.args.should_save and (Path(output_dir) / "config.json").exists():
+            self.create_model_card(output_dir=output_dir)
 
     def _card_settings(self) -> dict:
         # Data sources and the starting model may be local paths: the card names only Hub ids (above).

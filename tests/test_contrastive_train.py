@@ -84,3 +84,15 @@ def test_training_lowers_the_loss_and_raises_retrieval_accuracy(tiny_vlm_dir, ta
     card = (tmp_path / "README.md").read_text()
     assert "multimodal-embedding" in card and "2506.23115" in card and "temperature" in card
     assert str(task_dir) not in card  # local paths stay out of the card
+
+
+def test_lora_is_merged_into_the_saved_checkpoint(tiny_vlm_dir, task_dir, tmp_path):
+    from moca import MoCaModel
+
+    run(tiny_vlm_dir, task_dir / "text_pairs", tmp_path, "--max_steps", "2", "--lora_r", "4", "--merge_lora")
+    base = MoCaModel.from_backbone(tiny_vlm_dir, dtype=torch.float32).state_dict()
+    merged = AutoModel.from_pretrained(tmp_path, trust_remote_code=True).state_dict()
+    assert set(merged) == set(base)  # a plain MoCa checkpoint: no adapter weights left
+    changed = {name for name in base if not torch.equal(base[name], merged[name])}
+    assert "vlm.language_model.layers.0.self_attn.q_proj.weight" in changed
+    assert changed and all("language_model.layers" in name for name in changed)  # the vision tower is untouched

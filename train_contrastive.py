@@ -21,7 +21,6 @@ import dataclasses
 import functools
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,7 +43,6 @@ from moca.contrastive import (
 from moca.cpt import DATA_FILE_BUILDERS
 from moca.model_card import write_model_card
 
-
 logger = logging.getLogger(__name__)
 
 TASKS_FILE = "tasks.json"
@@ -56,13 +54,17 @@ DEFAULT_LORA_TARGET_MODULES = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj
 class ContrastiveArguments:
     model_name_or_path: str = field(metadata={"help": "A MoCa checkpoint or a causal VLM (Hub name or folder)."})
     dataset: list[str] = field(
-        metadata={"help": "One or more tasks: Hub names, datasets folders, parquet/jsonl files or folders of them; "
-                          "a folder with tasks.json stands for all its tasks."}
+        metadata={
+            "help": "One or more tasks: Hub names, datasets folders, parquet/jsonl files or folders of them; "
+            "a folder with tasks.json stands for all its tasks."
+        }
     )
     dataset_config: str | None = field(
         default=None,
-        metadata={"help": "JSON file {task: {query_prompt, document_prompt, weight}} (default: the tasks.json of a "
-                          "--dataset folder)."},
+        metadata={
+            "help": "JSON file {task: {query_prompt, document_prompt, weight}} (default: the tasks.json of a "
+            "--dataset folder)."
+        },
     )
     dataset_split: str = field(default="train", metadata={"help": "Split of Hub and saved datasets."})
     temperature: float = field(default=0.03, metadata={"help": "InfoNCE temperature (paper: 0.03)."})
@@ -87,7 +89,9 @@ class ContrastiveArguments:
     merge_lora: bool = field(default=False, metadata={"help": "Save the final model with LoRA merged into it."})
     max_length: int | None = field(default=1024, metadata={"help": "Longest input in tokens; longer text is cut."})
     dtype: str = field(default="float32", metadata={"help": "Weights dtype: float32, bfloat16 or float16."})
-    attn_implementation: str | None = field(default=None, metadata={"help": "sdpa (default), eager or flash_attention_2."})
+    attn_implementation: str | None = field(
+        default=None, metadata={"help": "sdpa (default), eager or flash_attention_2."}
+    )
 
 
 @dataclass
@@ -173,7 +177,7 @@ def load_tasks(sources: list[str], dataset_config: str | None = None, split: str
 
 
 def load_model(args: ContrastiveArguments) -> MoCaModel:
-    kwargs = dict(dtype=getattr(torch, args.dtype), attn_implementation=args.attn_implementation)
+    kwargs = {"dtype": getattr(torch, args.dtype), "attn_implementation": args.attn_implementation}
     if AutoConfig.from_pretrained(args.model_name_or_path, trust_remote_code=False).model_type == "moca":
         model = MoCaModel.from_pretrained(args.model_name_or_path, **kwargs)
     else:

@@ -21,7 +21,6 @@ import time
 
 import datasets
 import torch
-
 from common import _WORDS, append_results, build_model, load_note, markdown_table, parameter_count
 
 from moca.contrastive import ContrastiveCollator, MultiTaskDataset, TaskSpec, contrastive_loss, grad_cache_step

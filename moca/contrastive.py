@@ -18,13 +18,13 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+import datasets
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
 from .processing_moca import format_prompt
-
 
 logger = logging.getLogger(__name__)
 
@@ -109,9 +109,7 @@ def contrastive_loss(
         dist.all_reduce(count)
         global_queries = int(count)
     dims = matryoshka_dims or [query_embeddings.shape[-1]]
-    losses = [
-        info_nce(query_embeddings[:, :dim], all_documents[:, :dim], positive_index, temperature) for dim in dims
-    ]
+    losses = [info_nce(query_embeddings[:, :dim], all_documents[:, :dim], positive_index, temperature) for dim in dims]
     return torch.stack(losses).mean() * world_size / global_queries
 
 
@@ -292,7 +290,7 @@ class TaskSpec:
     """One task: its rows and how its queries and documents are prompted."""
 
     name: str
-    dataset: "datasets.Dataset"  # noqa: F821
+    dataset: datasets.Dataset
     query_prompt: str | None = None
     document_prompt: str | None = None
     weight: float | None = None
@@ -328,7 +326,7 @@ def _present(value) -> bool:
     return True
 
 
-def drop_rows_without_positive(dataset: "datasets.Dataset", task_name: str) -> "datasets.Dataset":  # noqa: F821
+def drop_rows_without_positive(dataset: datasets.Dataset, task_name: str) -> datasets.Dataset:
     """Drop the rows that have no query or no positive, logging how many and which, with the missing field.
 
     Images are not decoded here (only their presence is checked); unreadable images are caught by the collator.
@@ -452,10 +450,13 @@ class ContrastiveCollator:
                 positive = self._side(row, "pos_text", "pos_image", task.document_prompt, task.image_root)
                 field = "neg_image"
                 row_negatives = [
-                    (format_prompt(task.document_prompt, text), [load_image(v, task.image_root) for v in _as_list(image)])
+                    (
+                        format_prompt(task.document_prompt, text),
+                        [load_image(v, task.image_root) for v in _as_list(image)],
+                    )
                     for text, image in self._negatives(row)
                 ]
-            except Exception as error:  # any decoding failure: PIL raises many different types
+            except (OSError, ValueError, TypeError, Image.DecompressionBombError) as error:
                 self.skipped_rows[task.name] += 1
                 logger.warning(
                     f"skipped row {row['row']} of task {task.name!r}: unreadable {field} ({type(error).__name__}: "

@@ -3,7 +3,6 @@ import logging
 
 import datasets
 import pytest
-import torch
 from PIL import Image
 
 from moca import MoCaProcessor

@@ -26,7 +26,7 @@ class TinyEncoder(nn.Module):
 
 # Global batch: 5 queries, their 5 positives and 2 hard negatives each; rank 0 holds 3 queries, rank 1 holds 2
 # (unequal shares, as after a skipped row).
-QUERY_SPLIT = [range(0, 3), range(3, 5)]
+QUERY_SPLIT = [range(3), range(3, 5)]
 
 
 def global_batch():
@@ -66,7 +66,7 @@ def worker(rank, world_size, port, out_dir):
                 loss = grad_cache_step(
                     lambda c: model(**c),
                     [{"input_ids": rows} for rows in torch.cat([local_queries, local_documents]).split(4)],
-                    lambda e: loss_fn(e[:num_queries], e[num_queries:]),
+                    lambda e, n=num_queries: loss_fn(e[:n], e[n:]),
                     no_sync=model.no_sync,
                 )
             else:

@@ -94,4 +94,3 @@ def test_grad_cache_replays_dropout_and_syncs_only_on_the_last_chunk():
     for name, grad in grads(model).items():
         torch.testing.assert_close(grad, expected[name], atol=ATOL, rtol=RTOL, msg=name)
     assert len(unsynced) == len(query_chunks) + len(document_chunks) - 1
-

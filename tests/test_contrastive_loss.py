@@ -8,6 +8,7 @@ from moca.contrastive import contrastive_loss
 
 def hand_info_nce(queries, documents, temperature):
     """InfoNCE written out with Python floats: query i's positive is document i, every document is a candidate."""
+
     def cosine(a, b):
         dot = sum(x * y for x, y in zip(a, b))
         return dot / math.sqrt(sum(x * x for x in a)) / math.sqrt(sum(y * y for y in b))

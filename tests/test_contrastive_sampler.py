@@ -1,9 +1,9 @@
 from collections import Counter
+from itertools import chain
 
 import pytest
 
 from moca.contrastive import TaskBatchSampler
-
 
 TASK_SIZES = [40, 24, 12]
 OFFSETS = [0, 40, 64]
@@ -15,12 +15,14 @@ def task_of(index):
 
 def global_batches(world_size, epoch=0, **kwargs):
     """The global batches as the processes together see them: rank slices of the same step, concatenated."""
-    samplers = [TaskBatchSampler(TASK_SIZES, 8, num_replicas=world_size, rank=r, seed=3, **kwargs) for r in range(world_size)]
+    samplers = [
+        TaskBatchSampler(TASK_SIZES, 8, num_replicas=world_size, rank=r, seed=3, **kwargs) for r in range(world_size)
+    ]
     for sampler in samplers:
         sampler.set_epoch(epoch)
     per_rank = [list(sampler) for sampler in samplers]
     assert len({len(batches) for batches in per_rank}) == 1 and len(per_rank[0]) == len(samplers[0])
-    return [sum(step, []) for step in zip(*per_rank)]
+    return [list(chain(*step)) for step in zip(*per_rank)]
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 4])
@@ -29,7 +31,7 @@ def test_every_global_batch_is_single_task_and_every_row_is_visited(world_size):
     assert all(len(batch) == 8 for batch in batches)
     assert all(len({task_of(i) for i in batch}) == 1 for batch in batches)
     assert all(len(set(batch)) == len(batch) for batch in batches)  # no row twice in a batch (tasks >= batch size)
-    assert set(sum(batches, [])) == set(range(sum(TASK_SIZES)))
+    assert set(chain(*batches)) == set(range(sum(TASK_SIZES)))
     # Proportional to size: ceil(size / 8) batches per task.
     assert Counter(task_of(batch[0]) for batch in batches) == {0: 5, 1: 3, 2: 2}
 
@@ -48,13 +50,13 @@ def test_weights_set_the_proportions_of_batches():
     assert all(len({task_of(i) for i in batch}) == 1 for batch in batches)
     # The up-sampled task repeats its rows, all of them, and never one twice within a batch.
     task2 = [batch for batch in batches if task_of(batch[0]) == 2]
-    assert set(sum(task2, [])) == set(range(64, 76))
+    assert set(chain(*task2)) == set(range(64, 76))
     assert all(len(set(batch)) == 8 for batch in task2)
 
 
 def test_without_task_aware_batching_batches_mix_tasks():
     batches = global_batches(2, task_aware=False)
-    assert set(sum(batches, [])) == set(range(76))
+    assert set(chain(*batches)) == set(range(76))
     assert any(len({task_of(i) for i in batch}) > 1 for batch in batches)
 
 

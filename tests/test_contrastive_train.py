@@ -11,7 +11,6 @@ from transformers import AutoModel
 
 import train_contrastive
 
-
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white"]
 SHAPES = ["square", "circle", "star", "triangle"]
 
@@ -48,7 +47,7 @@ def retrieval_accuracy(model, dataset, query_prompt):
     """Share of training queries whose own positive is the nearest of all the task's positives and hard negatives."""
     model.eval()
     queries = model.encode(list(dataset["query_text"]), prompt=query_prompt)
-    candidates = model.encode(list(dataset["pos_text"]) + sum(list(dataset["neg_text"]), []))
+    candidates = model.encode(list(dataset["pos_text"]) + [text for texts in dataset["neg_text"] for text in texts])
     return (queries @ candidates.T).argmax(1).eq(torch.arange(len(queries))).float().mean().item()
 
 

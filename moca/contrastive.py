@@ -154,7 +154,7 @@ def grad_cache_step(
     loss and gradients equal those of the full-batch computation up to floating-point summation order.
 
     `backward` runs the parameter backward (e.g. `accelerator.backward`); `no_sync` is entered around every chunk's
-    backward except the last, so that a data-parallel wrapper reduces gradients once per step.
+    second forward and backward except the last, so that a data-parallel wrapper reduces gradients once per step.
     """
     embeddings, random_states = [], []
     with torch.no_grad():
@@ -167,10 +167,11 @@ def grad_cache_step(
     loss.backward()
 
     for index, (chunk, embedding_cache, random_state) in enumerate(zip(chunks, cached, random_states)):
-        with random_state.restored():
-            embedding = encode(chunk)
-        surrogate = torch.dot(embedding.flatten(), embedding_cache.grad.flatten().to(embedding.dtype))
+        # DDP decides at forward time whether the backward reduces: the forward belongs inside `no_sync` too.
         with contextlib.nullcontext() if index == len(chunks) - 1 else no_sync():
+            with random_state.restored():
+                embedding = encode(chunk)
+            surrogate = torch.dot(embedding.flatten(), embedding_cache.grad.flatten().to(embedding.dtype))
             backward(surrogate)
     return loss.detach()
 

@@ -9,6 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 from moca.contrastive import contrastive_loss, grad_cache_step
 
@@ -54,6 +55,13 @@ def worker(rank, world_size, port, out_dir):
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
     try:
         model = nn.parallel.DistributedDataParallel(TinyEncoder())
+        reductions = []
+
+        def counting_allreduce(process_group, bucket):
+            reductions.append(bucket.index())
+            return allreduce_hook(process_group, bucket)
+
+        model.register_comm_hook(None, counting_allreduce)
         queries, positives, negatives = global_batch()
         rows = slice(QUERY_SPLIT[rank].start, QUERY_SPLIT[rank].stop)
         local_queries = queries[rows]
@@ -61,6 +69,7 @@ def worker(rank, world_size, port, out_dir):
         results = {}
         for method in ("plain", "grad_cache"):
             model.zero_grad()
+            reductions.clear()
             if method == "grad_cache":
                 num_queries = len(local_queries)
                 loss = grad_cache_step(
@@ -76,6 +85,7 @@ def worker(rank, world_size, port, out_dir):
             loss = loss.detach().clone()
             dist.all_reduce(loss)
             results[f"{method}.loss"] = (loss / world_size).reshape(1)
+            results[f"{method}.reductions"] = torch.tensor(len(reductions))
             results.update({f"{method}.grad.{n}": p.grad.clone() for n, p in model.module.named_parameters()})
         save_file(results, os.path.join(out_dir, f"rank{rank}.safetensors"))
     finally:
@@ -98,6 +108,8 @@ def test_two_processes_equal_single_process_on_global_batch(tmp_path):
     expected_loss, expected_grads = single_process()
     for rank in range(2):
         result = load_file(tmp_path / f"rank{rank}.safetensors")
+        # GradCache reduces the gradients once per step, as the plain step does (not once per chunk).
+        assert result["grad_cache.reductions"] == result["plain.reductions"] == 1
         for method in ("plain", "grad_cache"):
             torch.testing.assert_close(result[f"{method}.loss"][0], expected_loss, atol=ATOL, rtol=RTOL)
             for name, grad in expected_grads.items():

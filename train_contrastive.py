@@ -214,6 +214,9 @@ def keep_rank_slices(prepared: DataLoader, sampler: TaskBatchSampler) -> DataLoa
     shard = getattr(prepared, "batch_sampler", None)
     if shard is not None and getattr(shard, "batch_sampler", None) is sampler:
         shard.num_processes, shard.process_index = 1, 0
+        # The Trainer sets the epoch through the wrapper, also after `skip_first_batches` wraps it once more on
+        # resuming; without this the wrapper would not pass it on and a resumed run would replay epoch 0's order.
+        shard.set_epoch = sampler.set_epoch
     return prepared
 
 

@@ -67,7 +67,7 @@ def test_global_batch_must_split_evenly():
 
 def test_accelerate_keeps_each_process_slice_and_forwards_set_epoch():
     """What the Trainer gets on rank 1 of 2: accelerate's prepared dataloader around the task sampler."""
-    from accelerate.data_loader import prepare_data_loader
+    from accelerate.data_loader import prepare_data_loader, skip_first_batches
     from torch.utils.data import DataLoader
 
     from train_contrastive import keep_rank_slices
@@ -79,6 +79,9 @@ def test_accelerate_keeps_each_process_slice_and_forwards_set_epoch():
     prepared = keep_rank_slices(prepared, sampler)
     assert [batch for batch in prepared] == list(sampler)
     assert len(prepared) == len(sampler)
-    # The Trainer reaches the sampler through the wrapper to set the epoch.
-    prepared.batch_sampler.batch_sampler.set_epoch(5)
+    # The Trainer sets the epoch through the dataloader, and on resuming through `skip_first_batches`' wrapper.
+    prepared.set_epoch(5)
     assert [batch for batch in prepared] == [batch[4:] for batch in global_batches(2, epoch=5)]
+    resumed = skip_first_batches(prepared, 2)
+    resumed.batch_sampler.batch_sampler.set_epoch(6)  # what `Trainer._inner_training_loop` does
+    assert [batch for batch in resumed] == [batch[4:] for batch in global_batches(2, epoch=6)][2:]

@@ -183,6 +183,9 @@ def load_model(args: ContrastiveArguments) -> MoCaModel:
     else:
         model = MoCaModel.from_backbone(args.model_name_or_path, **kwargs)
     if args.matryoshka_dims:
+        bad = [dim for dim in args.matryoshka_dims if not 0 < dim <= model.config.hidden_size]
+        if bad:
+            raise ValueError(f"--matryoshka_dims {bad} are outside 1..{model.config.hidden_size} (the hidden size)")
         model.config.matryoshka_dims = sorted(set(args.matryoshka_dims), reverse=True)
     return model
 

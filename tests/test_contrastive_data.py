@@ -1,0 +1,75 @@
+"""Loading tasks for train_contrastive.py: files, folders, task configs, relative image paths, bad rows."""
+
+import json
+import logging
+
+import pytest
+from PIL import Image
+
+from moca.contrastive import ContrastiveCollator, MultiTaskDataset
+from train_contrastive import load_tasks
+
+
+class RecordingProcessor:
+    """Stands in for the processor: records what the collator hands it."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, text, images, **kwargs):
+        self.calls.append((text, images))
+        return {"input_ids": list(range(len(text)))}
+
+
+@pytest.fixture
+def jsonl_task(tmp_path):
+    folder = tmp_path / "captions"
+    folder.mkdir()
+    Image.new("RGB", (28, 28), "red").save(folder / "red.png")
+    rows = [
+        {"query_text": "a red picture", "pos_image": "red.png", "neg_text": []},
+        {"query_text": "a lost picture", "pos_image": "missing.png", "neg_text": []},
+        {"query_text": "no positive at all", "pos_image": None, "neg_text": []},
+    ]
+    (folder / "rows.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    return folder / "rows.jsonl"
+
+
+def test_jsonl_task_with_relative_image_paths_and_bad_rows(jsonl_task, tmp_path, caplog):
+    config = tmp_path / "tasks.json"
+    config.write_text(json.dumps({"rows": {"query_prompt": "Find: {text}", "document_prompt": "<image>Look."}}))
+    with caplog.at_level(logging.WARNING):
+        (task,) = load_tasks([str(jsonl_task)], str(config))
+    assert (task.name, len(task.dataset), task.query_prompt) == ("rows", 2, "Find: {text}")
+    assert "skipped 1 of 3 rows (row 2: no pos_text/pos_image)" in caplog.text
+
+    processor = RecordingProcessor()
+    collator = ContrastiveCollator(processor, [task])
+    dataset = MultiTaskDataset([task])
+    with caplog.at_level(logging.WARNING):
+        batch = collator([dataset[0], dataset[1]])
+    assert batch["num_queries"] == 1 and collator.skipped_rows == {"rows": 1}
+    assert "skipped row 1 of task 'rows': unreadable pos_image (FileNotFoundError" in caplog.text
+    (texts, images) = processor.calls[0]
+    assert texts == ["Find: a red picture", "<image>Look."]
+    assert images[0] == [] and images[1][0].size == (28, 28)  # the path was read relative to the data file
+
+
+def test_a_folder_with_tasks_json_stands_for_its_tasks(tmp_path):
+    import datasets
+
+    for name in ("a", "b"):
+        datasets.Dataset.from_list([{"query_text": "q", "pos_text": "p"}] * 3).save_to_disk(str(tmp_path / name))
+    (tmp_path / "tasks.json").write_text(json.dumps({"a": {"weight": 0.25}, "b": {"weight": 0.75}}))
+    tasks = load_tasks([str(tmp_path)])
+    assert [(t.name, t.weight, len(t.dataset)) for t in tasks] == [("a", 0.25, 3), ("b", 0.75, 3)]
+
+
+def test_task_config_errors_name_the_problem(tmp_path, jsonl_task):
+    config = tmp_path / "tasks.json"
+    config.write_text(json.dumps({"rows": {"query_promt": "typo"}}))
+    with pytest.raises(ValueError, match="task 'rows' has unknown settings \\['query_promt'\\]"):
+        load_tasks([str(jsonl_task)], str(config))
+    with pytest.raises(ValueError, match="unsupported format '.csv'"):
+        (tmp_path / "rows.csv").write_text("query_text\nq\n")
+        load_tasks([str(tmp_path / "rows.csv")])

@@ -169,6 +169,7 @@ def main(argv: list[str] | None = None) -> CPTTrainer:
         resume = get_last_checkpoint(training_args.output_dir)
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()  # also pushes to the Hub with --push_to_hub
+    trainer.save_state()  # trainer_state.json: the loss history, for reports
     return trainer
 
 

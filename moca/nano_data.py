@@ -688,8 +688,12 @@ CONTRASTIVE_FEATURES = Features(
 
 
 def mmeb_text(prompt, text=""):
-    """A MoCa-style prompt in MMEB's spelling: the image marker is "<|image_1|>" followed by a new line."""
-    return prompt.format(text=text).replace("<image>", "<|image_1|>\n").rstrip("\n")
+    """A training prompt in MMEB's spelling: the same text, with MMEB's "<|image_1|>" as the image marker.
+
+    (Real MMEB texts put a new line after the marker; the nano suite keeps the training prompts exactly, so that
+    its scores measure what was learned, not a formatting shift.)
+    """
+    return prompt.format(text=text).replace("<image>", "<|image_1|>")
 
 
 MMEB_IMAGE_TARGET = mmeb_text(IMAGE_DOCUMENT_PROMPT)

@@ -60,6 +60,7 @@ def main():
         data_collator=CaptionCollator(processor, args.max_length),
     )
     trainer.train()
+    trainer.save_state()  # trainer_state.json: the loss history, for reports
     # The standard VLM layout (weights, tokenizer, image processor), not a MoCa checkpoint.
     model.save_pretrained(training_args.output_dir)
     processor.tokenizer.save_pretrained(training_args.output_dir)

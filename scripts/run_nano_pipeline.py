@@ -1,0 +1,274 @@
+"""The nano MoCa pipeline: the whole method, end to end, on a synthetic world, on a CPU, in minutes.
+
+    python scripts/run_nano_pipeline.py --output_dir out/nano            # the README's main job
+    python scripts/run_nano_pipeline.py --output_dir out/quick --quick   # a few steps per stage (tests)
+
+1. writes the nano data (scripts/make_nano_data.py) and a tiny random VLM, then teaches the VLM briefly as a
+   *causal* model (captions and documents) so that it stands in for a pre-trained VLM;
+2. stage 1, continual pre-training with joint MLM + MAE (train_cpt.py);
+3. stage 2, heterogeneous contrastive fine-tuning (train_contrastive.py);
+4. evaluates the base VLM made bidirectional (no MoCa training) and the final model with eval.mmeb and
+   eval.vidore;
+5. reloads the final checkpoint in a fresh process with AutoModel + trust_remote_code and searches images by
+   text;
+6. writes OUT/report.md (scores and losses) and OUT/report.png, and prints the table.
+Each stage runs as its own command, exactly as a user would run it, and is skipped when its output exists.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Settings:
+    """Sizes and step counts of one pipeline run."""
+
+    data_scale: float = 1.0
+    hidden_size: int = 128
+    num_layers: int = 2
+    causal_steps: int = 300
+    causal_lr: float = 2e-3
+    cpt_steps: int = 200
+    cpt_lr: float = 5e-4
+    cpt_token_budget: int = 3072
+    text_mask_ratio: float = 0.4
+    image_mask_ratio: float = 0.5
+    mae_loss_weight: float = 0.5
+    cl_steps: int = 300
+    cl_lr: float = 5e-4
+    cl_batch_size: int = 32
+    temperature: float = 0.03
+    num_hard_negatives: int = 2
+    task_aware_batching: bool = True
+    bidirectional: bool = True
+    eval_batch_size: int = 32
+
+
+QUICK = Settings(data_scale=0.05, causal_steps=4, cpt_steps=4, cpt_token_budget=1024, cl_steps=4, cl_batch_size=8)
+
+
+def run(command: list[str], log_file: Path) -> None:
+    """Run one stage, showing its output live and keeping it in `log_file`."""
+    print(f"\n$ {' '.join(command)}", flush=True)
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "w") as log:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT)
+        for line in process.stdout:
+            log.write(line)
+            if "it/s]" not in line and "s/it]" not in line or line.rstrip().endswith("100%"):
+                sys.stdout.write(line)
+        if process.wait() != 0:
+            raise SystemExit(f"stage failed (exit {process.returncode}); its log: {log_file}")
+
+
+def trainer_flags(output_dir: Path, steps: int, lr: float, seed: int) -> list[str]:
+    return [
+        "--output_dir", str(output_dir), "--max_steps", str(steps), "--learning_rate", str(lr),
+        "--warmup_steps", "0.1", "--lr_scheduler_type", "cosine", "--weight_decay", "0.0",
+        "--logging_steps", str(max(1, steps // 20)), "--save_strategy", "no", "--report_to", "none",
+        "--seed", str(seed), "--disable_tqdm", "true", "--dataloader_num_workers", "0",
+    ]  # fmt: skip
+
+
+def make_base_vlm(out: Path, settings: Settings, seed: int) -> Path:
+    """A tiny random VLM taught briefly as a causal model: the stand-in for a pre-trained VLM."""
+    from moca.nano_data import make_nano_data
+    from moca.testing import make_tiny_vlm
+
+    data = out / "data"
+    if not (data / "manifest.json").is_file():
+        print(f"Writing the nano world to {data}", flush=True)
+        make_nano_data(data, seed=seed, scale=settings.data_scale)
+    base = out / "base-vlm"
+    if not (base / "config.json").is_file():
+        random_vlm = make_tiny_vlm(out / "random-vlm", seed=seed, hidden_size=settings.hidden_size, num_layers=settings.num_layers)
+        command = [sys.executable, "scripts/train_causal_vlm.py", "--model_name_or_path", random_vlm, "--dataset", str(data / "cpt"),
+                   "--per_device_train_batch_size", "16", *trainer_flags(base, settings.causal_steps, settings.causal_lr, seed)]  # fmt: skip
+        run(command, out / "logs" / "causal.log")
+    return base
+
+
+def train_cpt(start: Path, out: Path, settings: Settings, seed: int, data: Path) -> Path:
+    target = out / "cpt"
+    if not (target / "config.json").is_file():
+        command = [sys.executable, "train_cpt.py", "--model_name_or_path", str(start), "--dataset", str(data / "cpt"),
+                   "--token_budget", str(settings.cpt_token_budget), "--max_length", "256",
+                   "--text_mask_ratio", str(settings.text_mask_ratio), "--image_mask_ratio", str(settings.image_mask_ratio),
+                   "--mae_loss_weight", str(settings.mae_loss_weight),
+                   *trainer_flags(target, settings.cpt_steps, settings.cpt_lr, seed)]  # fmt: skip
+        run(command, out / "logs" / "cpt.log")
+    return target
+
+
+def train_contrastive(start: Path, out: Path, settings: Settings, seed: int, data: Path) -> Path:
+    target = out / "final"
+    if not (target / "config.json").is_file():
+        command = [sys.executable, "train_contrastive.py", "--model_name_or_path", str(start), "--dataset", str(data / "contrastive"),
+                   "--per_device_train_batch_size", str(settings.cl_batch_size), "--max_length", "256",
+                   "--temperature", str(settings.temperature), "--num_hard_negatives", str(settings.num_hard_negatives),
+                   *([] if settings.task_aware_batching else ["--no_task_aware_batching"]),
+                   *trainer_flags(target, settings.cl_steps, settings.cl_lr, seed)]  # fmt: skip
+        run(command, out / "logs" / "contrastive.log")
+    return target
+
+
+def evaluate(model_dir: Path, out: Path, data: Path, settings: Settings, bidirectional: bool = True) -> dict:
+    """MMEB and ViDoRe scores of a MoCa checkpoint, or of a causal VLM made into a MoCa model as it is."""
+    import torch
+    from transformers import AutoConfig
+
+    from eval.mmeb import evaluate_mmeb
+    from eval.vidore import evaluate_vidore
+    from moca import MoCaModel
+
+    results_file = out / "results.json"
+    if results_file.is_file():
+        return json.loads(results_file.read_text())
+    if AutoConfig.from_pretrained(model_dir, trust_remote_code=True).model_type == "moca":
+        model = MoCaModel.from_pretrained(model_dir, dtype=torch.float32)
+    else:
+        model = MoCaModel.from_backbone(model_dir, dtype=torch.float32, bidirectional=bidirectional)
+    model.eval()
+    tasks = json.loads((data / "contrastive" / "tasks.json").read_text())
+    mmeb = evaluate_mmeb(model, out / "mmeb", data_dir=data / "mmeb" / "data", image_dir=data / "mmeb" / "images",
+                         batch_size=settings.eval_batch_size)  # fmt: skip
+    vidore_sets = sorted(str(p) for p in (data / "vidore").iterdir() if p.is_dir())
+    vidore = evaluate_vidore(model, out / "vidore", datasets=vidore_sets, batch_size=settings.eval_batch_size,
+                             query_prompt=tasks["document_retrieval"]["query_prompt"])  # fmt: skip
+    results = {"mmeb": mmeb, "vidore": vidore}
+    results_file.write_text(json.dumps(results, indent=2))
+    return results
+
+
+SEARCH_IN_A_FRESH_PROCESS = """
+import json, sys
+import pyarrow.parquet as pq
+from transformers import AutoModel
+model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True)
+data = sys.argv[2]
+table = pq.read_table(data + "/mmeb/data/CaptionToImage/test-00000-of-00001.parquet").to_pylist()[:3]
+images = sorted({path for row in table for path in row["tgt_img_path"]})
+queries = [row["qry_text"].replace("Find me an everyday image that matches the given caption: ", "").strip() for row in table]
+scores = model.encode_queries(queries) @ model.encode_documents([data + "/mmeb/images/" + p for p in images]).T
+hits = []
+for query, row, row_scores in zip(queries, table, scores):
+    ranked = row_scores.argsort(descending=True)[:3].tolist()
+    hits.append(images[ranked[0]] == row["tgt_img_path"][0])
+    print(f"  {query!r}: " + ", ".join(f"{images[i]} ({row_scores[i]:.3f})" for i in ranked))
+print(json.dumps({"top1_correct": sum(hits), "queries": len(hits)}))
+"""
+
+
+def search_demo(final: Path, data: Path) -> dict:
+    print("\nText-to-image search with the final checkpoint, loaded in a fresh process (AutoModel, trust_remote_code):")
+    result = subprocess.run([sys.executable, "-c", SEARCH_IN_A_FRESH_PROCESS, str(final.resolve()), str(data.resolve())],
+                            capture_output=True, text=True, cwd="/")  # fmt: skip
+    if result.returncode != 0:
+        raise SystemExit(f"search in a fresh process failed:\n{result.stderr[-3000:]}")
+    lines = result.stdout.strip().splitlines()
+    print("\n".join(lines[:-1]))
+    return json.loads(lines[-1])
+
+
+def loss_history(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    state = run_dir / "trainer_state.json"
+    if not state.is_file():
+        return {}
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for entry in json.loads(state.read_text())["log_history"]:
+        for key in ("loss", "mlm_loss", "mae_loss"):
+            if key in entry:
+                curves.setdefault(key, []).append((entry["step"], entry[key]))
+    return curves
+
+
+def score_rows(results: dict) -> dict[str, float]:
+    rows = {f"MMEB {name} ({s['split']})": s["precision_at_1"] for name, s in results["mmeb"]["subsets"].items()}
+    rows.update({f"MMEB {c}": v["precision_at_1"] for c, v in results["mmeb"]["categories"].items()})
+    rows["MMEB overall"] = results["mmeb"]["overall"]["precision_at_1"]
+    for name, s in results["vidore"]["datasets"].items():
+        rows[f"ViDoRe {Path(name).name} nDCG@5"] = s["ndcg_at_5"]
+    rows["ViDoRe average nDCG@5"] = results["vidore"]["average"]["ndcg_at_5"]
+    return rows
+
+
+def write_report(out: Path, settings: Settings, untrained: dict, final: dict, curves: dict, search: dict, minutes: float) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    before, after = score_rows(untrained), score_rows(final)
+    chance = json.loads((out / "data" / "mmeb" / "subsets.json").read_text())
+    lines = [
+        "# Nano MoCa pipeline report", "",
+        f"Base VLM (tiny, causally pre-trained here) vs the MoCa model after CPT + contrastive training; {minutes:.1f} min in all.",
+        "Scores in percent: MMEB-layout Precision@1 (chance in brackets), ViDoRe-layout nDCG@5.", "",
+        "| task | base VLM, bidirectional | MoCa (CPT + CL) | gain |", "|---|---:|---:|---:|",
+    ]  # fmt: skip
+    for name in before:
+        subset = name.split(" ")[1]
+        note = f" ({100 * chance[subset]['chance']:.0f})" if subset in chance else ""
+        lines.append(f"| {name}{note} | {100 * before[name]:.1f} | {100 * after[name]:.1f} | {100 * (after[name] - before[name]):+.1f} |")
+    lines += ["", f"Fresh-process text-to-image search: {search['top1_correct']}/{search['queries']} queries found their image first.", ""]
+    lines += ["## Losses", ""]
+    for stage, stage_curves in curves.items():
+        for key, points in stage_curves.items():
+            lines.append(f"- {stage} {key}: {points[0][1]:.3f} (step {points[0][0]}) -> {points[-1][1]:.3f} (step {points[-1][0]})")
+    lines += ["", "## Settings", "", "```json", json.dumps(asdict(settings), indent=2), "```", "", "![report](report.png)", ""]
+    table = "\n".join(lines)
+    (out / "report.md").write_text(table)
+
+    figure, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    for stage, stage_curves in curves.items():
+        for key, points in stage_curves.items():
+            axes[0].plot([p[0] for p in points], [p[1] for p in points], label=f"{stage} {key}")
+    axes[0].set_xlabel("step"), axes[0].set_ylabel("loss"), axes[0].set_title("training losses"), axes[0].legend(fontsize=8)
+    names = list(before)
+    positions = range(len(names))
+    axes[1].barh([p + 0.2 for p in positions], [100 * before[n] for n in names], height=0.4, label="base VLM")
+    axes[1].barh([p - 0.2 for p in positions], [100 * after[n] for n in names], height=0.4, label="MoCa")
+    axes[1].set_yticks(list(positions), names, fontsize=7), axes[1].invert_yaxis(), axes[1].set_xlabel("score (%)")
+    axes[1].legend(fontsize=8), axes[1].set_title("nano MMEB / ViDoRe")
+    figure.tight_layout()
+    figure.savefig(out / "report.png", dpi=110)
+    plt.close(figure)
+    return table
+
+
+def run_pipeline(out: Path, settings: Settings, seed: int = 0) -> dict:
+    start = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    data = out / "data"
+    base = make_base_vlm(out, settings, seed)
+    cpt = train_cpt(base, out, settings, seed, data)
+    final = train_contrastive(cpt, out, settings, seed, data)
+    print("\nEvaluating the base VLM (bidirectional, no MoCa training) and the final model", flush=True)
+    untrained = evaluate(base, out / "eval-base", data, settings)
+    trained = evaluate(final, out / "eval-final", data, settings)
+    search = search_demo(final, data)
+    curves = {"causal": loss_history(base), "cpt": loss_history(cpt), "contrastive": loss_history(final)}
+    report = write_report(out, settings, untrained, trained, curves, search, (time.time() - start) / 60)
+    print("\n" + report)
+    return {"untrained": score_rows(untrained), "final": score_rows(trained), "search": search}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", default="out/nano")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="a few steps per stage on a sliver of the data")
+    args = parser.parse_args()
+    settings = QUICK if args.quick else Settings()
+    run_pipeline(Path(args.output_dir), replace(settings), seed=args.seed)
+
+
+if __name__ == "__main__":
+    main()

@@ -5,8 +5,9 @@
 Each mode runs in its own process, on the same random model and batch, through the pieces `train_contrastive.py`
 uses (`ContrastiveCollator`, `contrastive_loss`, `grad_cache_step`), with an SGD step after each backward.
 Peak memory is the rise of the process's peak resident memory over what it held before the first step
-(weights, gradients and the processed batch are held in both modes). Time per step is the median over `--steps`
-steps after one warm-up step. With GradCache each chunk is padded to its own longest input, as the collator does
+(weights, gradients and the processed batch are held in both modes). Time per step (wall clock, and CPU time of
+the process, which other work on a shared machine disturbs less) is the median over `--steps` steps after one
+warm-up step. With GradCache each chunk is padded to its own longest input, as the collator does
 in training; without it, the whole batch is padded to its longest. A third run encodes the same chunks with one
 forward and backward each and no loss: GradCache's time over it is the price of its extra no-grad forward, the
 rest of the difference to the plain step is what encoding small chunks costs on the machine.
@@ -64,14 +65,16 @@ def measure(args) -> dict:
     for parameter in model.parameters():
         parameter.grad = torch.zeros_like(parameter)
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    times, losses = [], []
+    times, cpu_times, losses = [], [], []
     for _ in range(args.steps + 1):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         losses.append(step())
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {
         "seconds": statistics.median(times[1:]),
+        "cpu_seconds": statistics.median(cpu_times[1:]),
         "peak_mib": (peak - baseline) / 2**20,
         "first_loss": losses[0],
         "parameters": parameter_count(model),
@@ -102,20 +105,25 @@ def main():
     # Same model, same batch: the first loss (before any update) must agree, or the comparison is void.
     if abs(plain["first_loss"] - cached["first_loss"]) > 1e-4 * abs(plain["first_loss"]):
         raise RuntimeError(f"losses differ: plain {plain['first_loss']}, GradCache {cached['first_loss']}")
+
+    def row(name, result):
+        return [name, f"{result['seconds']:.2f}", f"{result['cpu_seconds']:.2f}", f"{result['peak_mib']:.0f}"]
+
+    def ratio(name, a, b, memory=True):
+        values = [a["seconds"] / b["seconds"], a["cpu_seconds"] / b["cpu_seconds"]]
+        values.append(a["peak_mib"] / b["peak_mib"] if memory else None)
+        return [name, *(f"{v:.2f}" if v is not None else "" for v in values)]
+
     table = markdown_table(
-        ["mode", "step (fwd+bwd+SGD) s", "peak extra memory MiB"],
+        ["mode", "step wall s", "step CPU s", "peak extra memory MiB"],
         [
-            ["plain, one forward of the batch", f"{plain['seconds']:.2f}", f"{plain['peak_mib']:.0f}"],
-            [f"GradCache, {cached['chunks']} chunks of {args.chunk_size}", f"{cached['seconds']:.2f}",
-             f"{cached['peak_mib']:.0f}"],
-            ["ratio GradCache / plain", f"{cached['seconds'] / plain['seconds']:.2f}",
-             f"{cached['peak_mib'] / plain['peak_mib']:.2f}"],
-            [f"for reference: one forward+backward per chunk of {args.chunk_size}, no loss",
-             f"{chunks_only['seconds']:.2f}", f"{chunks_only['peak_mib']:.0f}"],
-            ["ratio GradCache / chunks only (the price of the extra no-grad forward)",
-             f"{cached['seconds'] / chunks_only['seconds']:.2f}", ""],
+            row("plain, one forward of the batch", plain),
+            row(f"GradCache, {cached['chunks']} chunks of {args.chunk_size}", cached),
+            ratio("**ratio GradCache / plain**", cached, plain),
+            row(f"for reference: one forward+backward per chunk of {args.chunk_size}, no loss", chunks_only),
+            ratio("ratio GradCache / chunks only (the extra no-grad forward)", cached, chunks_only, memory=False),
         ],
-    )  # fmt: skip
+    )
     body = (
         f"Global batch {args.pairs} text pairs (queries + positives = {2 * args.pairs} inputs of 8-40 words, in-batch "
         f"negatives), fp32, random MoCa model on a Qwen2.5-VL backbone with text hidden {args.hidden_size}, "

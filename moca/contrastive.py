@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import io
 import logging
@@ -310,7 +311,7 @@ class MultiTaskDataset(torch.utils.data.Dataset):
         return sum(self.task_sizes)
 
     def __getitem__(self, index: int) -> dict:
-        task = max(t for t, offset in enumerate(self.offsets) if offset <= index)
+        task = bisect.bisect_right(self.offsets, index) - 1
         row = index - self.offsets[task]
         return {**self.tasks[task].dataset[row], "task": task, "row": row}
 

@@ -344,6 +344,8 @@ class BudgetBatchSampler(Sampler[list[int]]):
     """
 
     def __init__(self, lengths: list[int], costs: list[int], token_budget: int, seed: int = 0, shuffle: bool = True):
+        # Plain lists: indexing a `datasets` column element by element costs a table lookup each time.
+        lengths, costs = list(lengths), list(costs)
         if len(lengths) != len(costs):
             raise ValueError(f"{len(lengths)} lengths but {len(costs)} costs.")
         if token_budget <= 0:

@@ -1,6 +1,7 @@
 """Contrastive training step on a global batch of 256 text pairs, with and without GradCache: peak memory and time.
 
     python bench/bench_grad_cache.py [--pairs 256] [--chunk_size 32] [--hidden_size 256] [--num_layers 4] [--steps 2]
+        [--threads 1]
 
 Each mode runs in its own process, on the same random model and batch, through the pieces `train_contrastive.py`
 uses (`ContrastiveCollator`, `contrastive_loss`, `grad_cache_step`), with an SGD step after each backward.
@@ -40,6 +41,7 @@ def text_pairs(n_pairs: int, seed: int = 0) -> datasets.Dataset:
 
 def measure(args) -> dict:
     """Runs in a child process; returns seconds per step and peak extra memory (MiB)."""
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = build_model(hidden_size=args.hidden_size, num_layers=args.num_layers).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
@@ -95,6 +97,9 @@ def main():
     parser.add_argument("--hidden_size", type=int, default=256)
     parser.add_argument("--num_layers", type=int, default=4)
     parser.add_argument("--steps", type=int, default=2)
+    # On a machine shared with other work, several threads spin-wait for each other at every operation: small chunks
+    # then pay several times over, differently from run to run. One thread measures the work itself.
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--mode", choices=["plain", "grad_cache", "chunks_only"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.mode:
@@ -127,7 +132,8 @@ def main():
     body = (
         f"Global batch {args.pairs} text pairs (queries + positives = {2 * args.pairs} inputs of 8-40 words, in-batch "
         f"negatives), fp32, random MoCa model on a Qwen2.5-VL backbone with text hidden {args.hidden_size}, "
-        f"{args.num_layers} layers ({plain['parameters'] / 1e6:.1f}M parameters); median of {args.steps} steps after "
+        f"{args.num_layers} layers ({plain['parameters'] / 1e6:.1f}M parameters), {args.threads} thread(s); median of "
+        f"{args.steps} steps after "
         f"a warm-up; each mode in its own process. Loss before the first update: {plain['first_loss']:.4f} (both).\n\n"
         f"{table}\n{load_note()}.\n"
     )

@@ -5,6 +5,8 @@ The backbone is the stock transformers model of the VLM (`Qwen2_5_VLModel`, `Qwe
 `is_causal` (see `MoCaConfig`), and the hidden states are pooled into one vector per input.
 """
 
+import json
+import logging
 import os
 import shutil
 from collections.abc import Iterable, Sequence
@@ -14,12 +16,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModel, PreTrainedModel
-from transformers.utils import ModelOutput
+from transformers.masking_utils import create_bidirectional_mask
+from transformers.utils import ModelOutput, cached_file
 
 from .configuration_moca import MoCaConfig
 from .processing_moca import MoCaProcessor, count_image_placeholders, format_prompt
-
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 REMOTE_CODE_FILES = (
@@ -334,7 +340,7 @@ class MoCaModel(MoCaPreTrainedModel):
 
 def _parse_input(item, index: int) -> tuple[str | None, list]:
     """-> (text, images) of one input of `encode`, with a clear error for what it cannot use."""
-    if isinstance(item, Image.Image) or isinstance(item, Path):
+    if isinstance(item, (Image.Image, Path)):
         return None, [item]
     if isinstance(item, str):
         if item.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(item):
@@ -436,17 +442,6 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------------------------
 # Continual pre-training (stage 1): masked language modelling + masked patch reconstruction
 # ---------------------------------------------------------------------------------------------------------------
-
-import json  # noqa: E402
-import logging  # noqa: E402
-
-from safetensors import safe_open  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.utils.checkpoint import checkpoint  # noqa: E402
-from transformers.masking_utils import create_bidirectional_mask  # noqa: E402
-from transformers.utils import cached_file  # noqa: E402
-
 
 _logger = logging.getLogger(__name__)
 

@@ -54,7 +54,7 @@ def retrieval_accuracy(model, dataset, query_prompt):
 def run(tiny_vlm_dir, task_dir, output_dir, *extra):
     argv = [
         "--model_name_or_path", tiny_vlm_dir, "--dataset", str(task_dir), "--output_dir", str(output_dir),
-        "--per_device_train_batch_size", "8", "--learning_rate", "2e-3", "--warmup_steps", "0",
+        "--per_device_train_batch_size", "8", "--learning_rate", "5e-4", "--warmup_steps", "0",
         "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none", "--max_length", "64",
         "--seed", "0", "--temperature", "0.05", *extra,
     ]  # fmt: skip
@@ -73,7 +73,8 @@ def test_training_lowers_the_loss_and_raises_retrieval_accuracy(tiny_vlm_dir, ta
     assert len(losses) == 24
     assert sum(losses[-4:]) / 4 < 0.6 * sum(losses[:4]) / 4
     after = retrieval_accuracy(trainer.model, pairs, "Query: {text}")
-    assert (after - before) * len(pairs) >= 3, (before, after)  # at least 3 of the 16 queries more are right
+    # The random backbone finds 25-75% of the positives by word overlap; training finds (nearly) all.
+    assert after > before and after >= 0.9, (before, after)
 
     # The saved folder is a MoCa checkpoint that loads as remote code, with a card.
     loaded = AutoModel.from_pretrained(tmp_path, trust_remote_code=True)

@@ -14,7 +14,6 @@ from PIL import Image as PILImage
 from moca.nano_data import COLOURS, HELD_OUT_COMBOS, NUM_HARD_NEGATIVES, PLURALS, make_nano_data
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CORE_READY = (REPO_ROOT / "moca" / "CORE_READY").exists()
 SCALE = 0.05
 MMEB_CATEGORIES = {"Classification", "VQA", "Retrieval", "Visual Grounding"}
 CROP_SUBSETS = {"LabelGrounding", "PositionGrounding"}
@@ -327,7 +326,6 @@ def test_no_evaluation_image_is_a_training_image(world):
 # With the real processor
 
 
-@pytest.mark.skipif(not CORE_READY, reason="needs the MoCa core (moca/CORE_READY)")
 def test_processor_accepts_cpt_rows_and_task_prompts(world, tiny_vlm_dir):
     from moca import MoCaProcessor, format_prompt
 

@@ -18,6 +18,7 @@ Masks are drawn per row from `--seed`, so a resumed run sees the same masks as a
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
@@ -26,6 +27,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from moca import MoCaForContinualPretraining
 from moca.cpt import BudgetBatchSampler, CPTCollator, load_cpt_dataset, prepare_cpt_dataset
+from moca.model_card import write_model_card
 
 
 logger = logging.getLogger(__name__)
@@ -70,9 +72,11 @@ class CPTTrainingArguments(TrainingArguments):
 class CPTTrainer(Trainer):
     """Trainer with token-budget batches, MLM and MAE losses logged apart, and MoCa checkpoints."""
 
-    def __init__(self, *args, token_budget: int, skipped_rows: dict | None = None, **kwargs):
+    def __init__(self, *args, token_budget: int, skipped_rows: dict | None = None, model_name_or_path: str | None = None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.token_budget = token_budget
+        self.model_name_or_path = model_name_or_path
         self.skipped_rows = skipped_rows or {}
         # Summed loss parts and the number of micro-batches that had them, since the last log.
         self._loss_parts = torch.zeros(4, device=self.args.device)
@@ -115,6 +119,19 @@ class CPTTrainer(Trainer):
                 logs["skipped_rows"] = sum(self.skipped_rows.values())
                 self.skipped_rows = None  # logged once: it does not change during training
         super().log(logs, start_time)
+
+    def create_model_card(self, output_dir: str | None = None, **kwargs) -> None:
+        """The MoCa card (also what `--push_to_hub` uploads), in place of the Trainer's generic one."""
+        model = self.accelerator.unwrap_model(self.model)
+        source = self.model_name_or_path
+        write_model_card(
+            model.moca,
+            output_dir or self.args.output_dir,
+            model_id=self.args.hub_model_id if self.args.push_to_hub else None,
+            base_model=source if source and not Path(source).exists() and source.count("/") == 1 else None,
+            training_args=[self.args],
+            tags=["continual-pretraining"],
+        )
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         # The backbone and the heads are saved apart (see `MoCaForContinualPretraining.save_pretrained`).
@@ -162,6 +179,7 @@ def main(argv: list[str] | None = None) -> CPTTrainer:
         data_collator=collator,
         token_budget=cpt_args.token_budget,
         skipped_rows=dict(skipped),
+        model_name_or_path=cpt_args.model_name_or_path,
     )
 
     resume = training_args.resume_from_checkpoint

@@ -54,6 +54,17 @@ def test_checkpoint_loads_as_a_moca_model(full_run):
     assert (output_dir / "cpt_heads.safetensors").exists()
 
 
+def test_trainer_card_is_the_moca_card(full_run, tmp_path):
+    """What `--push_to_hub` uploads: the MoCa card with the run's hyperparameters, not the Trainer's generic one."""
+    from huggingface_hub import ModelCard
+
+    trainer, _ = full_run
+    trainer.create_model_card(output_dir=str(tmp_path))
+    card = ModelCard.load(tmp_path / "README.md")
+    assert "moca" in card.data.tags and "continual-pretraining" in card.data.tags
+    assert "2506.23115" in card.text and "learning_rate" in card.text
+
+
 def test_resume_continues_at_the_right_step_and_matches(full_run, tiny_vlm_dir, data, tmp_path):
     _, output_dir = full_run
     resumed = train_cpt.main(

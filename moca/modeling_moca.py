@@ -197,8 +197,8 @@ class MoCaModel(MoCaPreTrainedModel):
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         super().save_pretrained(save_directory, *args, **kwargs)
-        if int(os.environ.get("RANK", "0")) != 0 and kwargs.get("is_main_process", True) is False:
-            return
+        if not kwargs.get("is_main_process", True):
+            return  # the main process writes the files beside the weights
         # Remote code: these files let `AutoModel.from_pretrained(dir, trust_remote_code=True)` and
         # `SentenceTransformer(dir, trust_remote_code=True)` work where this package is not installed.
         here = Path(__file__).parent

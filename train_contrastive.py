@@ -88,6 +88,14 @@ class ContrastiveArguments:
     )
     merge_lora: bool = field(default=False, metadata={"help": "Save the final model with LoRA merged into it."})
     max_length: int | None = field(default=1024, metadata={"help": "Longest input in tokens; longer text is cut."})
+    bidirectional: bool = field(
+        default=True,
+        metadata={"help": "Starting from a causal VLM: make it bidirectional (--no_bidirectional: keep it causal)."},
+    )
+    pooling: str | None = field(
+        default=None,
+        metadata={"help": "Starting from a causal VLM: mean or last (default: mean when bidirectional, else last)."},
+    )
     dtype: str = field(default="float32", metadata={"help": "Weights dtype: float32, bfloat16 or float16."})
     attn_implementation: str | None = field(
         default=None, metadata={"help": "sdpa (default), eager or flash_attention_2."}
@@ -181,7 +189,9 @@ def load_model(args: ContrastiveArguments) -> MoCaModel:
     if AutoConfig.from_pretrained(args.model_name_or_path, trust_remote_code=False).model_type == "moca":
         model = MoCaModel.from_pretrained(args.model_name_or_path, **kwargs)
     else:
-        model = MoCaModel.from_backbone(args.model_name_or_path, **kwargs)
+        model = MoCaModel.from_backbone(
+            args.model_name_or_path, bidirectional=args.bidirectional, pooling=args.pooling, **kwargs
+        )
     if args.matryoshka_dims:
         bad = [dim for dim in args.matryoshka_dims if not 0 < dim <= model.config.hidden_size]
         if bad:
@@ -372,6 +382,7 @@ def main(argv: list[str] | None = None) -> ContrastiveTrainer:
     if resume == "last":
         resume = get_last_checkpoint(training_args.output_dir)
     trainer.train(resume_from_checkpoint=resume)
+    trainer.save_state()  # trainer_state.json: the loss history, for reports
     if args.lora_r and args.merge_lora:
         trainer.model = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
     trainer.save_model()  # also pushes to the Hub with --push_to_hub

@@ -1,0 +1,112 @@
+"""The nano pipeline end to end (its --quick variant), the ablation grid's wiring and table, and the contrastive
+script's causal option that the grid relies on."""
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT / "scripts"))
+
+import run_nano_ablations
+from run_nano_ablations import VARIANTS, ablation_table, run_variant, summary_scores
+from run_nano_pipeline import QUICK
+
+
+def test_quick_pipeline_writes_report_results_and_searches(tmp_path):
+    out = tmp_path / "nano"
+    result = subprocess.run([sys.executable, "scripts/run_nano_pipeline.py", "--output_dir", str(out), "--quick"],
+                            check=False, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = (out / "report.md").read_text()
+    assert "| task | base VLM, bidirectional | MoCa (CPT + CL) | gain |" in report
+    assert "| MMEB overall" in report and "| ViDoRe average nDCG@5" in report
+    assert "| MMEB overall" in result.stdout  # the table is printed too
+    for run in ("eval-base", "eval-final"):
+        results = json.loads((out / run / "results.json").read_text())
+        assert 0 <= results["mmeb"]["overall"]["precision_at_1"] <= 1
+        assert 0 <= results["vidore"]["average"]["ndcg_at_5"] <= 1
+    # The fresh-process search ran and reported how many of its queries found their image first.
+    search = next(line for line in report.splitlines() if line.startswith("Fresh-process text-to-image search"))
+    assert search.split(": ")[1].split(" ")[0] in {"0/3", "1/3", "2/3", "3/3"}
+    assert "contrastive loss" in report  # the contrastive stage saved its loss history
+    assert (out / "report.png").stat().st_size > 0
+
+
+def fake_results(overall: float) -> dict:
+    categories = {c: {"precision_at_1": overall} for c in ("Classification", "VQA", "Retrieval", "Visual Grounding")}
+    return {
+        "mmeb": {
+            "overall": {"precision_at_1": overall},
+            "splits": {"IND": {"precision_at_1": overall + 0.1}, "OOD": {"precision_at_1": overall - 0.1}},
+            "categories": categories,
+        },
+        "vidore": {"average": {"ndcg_at_5": overall / 2}},
+    }
+
+
+def test_ablation_table_mean_and_spread():
+    runs = {
+        "full": [summary_scores(fake_results(0.5)), summary_scores(fake_results(0.7))],
+        "no CPT (bidirectional + CL)": [summary_scores(fake_results(0.2)), summary_scores(fake_results(0.2))],
+    }
+    table = ablation_table(runs, reference=[summary_scores(fake_results(0.1))])
+    lines = table.splitlines()
+    assert lines[0].startswith("| variant | seeds | MMEB overall | MMEB IND | MMEB OOD | MMEB Classification")
+    assert lines[0].endswith("| ViDoRe nDCG@5 |")
+    assert lines[2].startswith("| base VLM (no training) | 1 | 10.0 ± 0.0 | 20.0 ± 0.0 | 0.0 ± 0.0 |")
+    # mean of 50 and 70 is 60; the sample standard deviation is 14.14; ViDoRe is half of the overall score.
+    assert lines[3].startswith("| full | 2 | 60.0 ± 14.1 | 70.0 ± 14.1 | 50.0 ± 14.1 |")
+    assert lines[3].endswith("| 30.0 ± 7.1 |")
+    assert lines[4].startswith("| no CPT (bidirectional + CL) | 2 | 20.0 ± 0.0 |")
+
+
+def test_ablation_variants_start_from_the_right_checkpoints(tmp_path, monkeypatch):
+    """Which stages each variant runs and from where, with the stages replaced by recorders."""
+    calls = []
+    monkeypatch.setattr(run_nano_ablations, "make_base_vlm", lambda out, settings, seed: out / "base-vlm")
+
+    def fake_cpt(start, out, settings, seed, data):
+        calls.append(("cpt", start.name, out.name, settings.text_mask_ratio, settings.mae_loss_weight))
+        return out / "cpt"
+
+    def fake_contrastive(start, out, settings, seed, data):
+        calls.append(("cl", f"{start.parent.name}/{start.name}", out.name, settings.bidirectional,
+                      settings.task_aware_batching))  # fmt: skip
+        return out / "final"
+
+    monkeypatch.setattr(run_nano_ablations, "train_cpt", fake_cpt)
+    monkeypatch.setattr(run_nano_ablations, "train_contrastive", fake_contrastive)
+    monkeypatch.setattr(run_nano_ablations, "evaluate", lambda model, out, data, settings: {"model": str(model)})
+    for name, changes in VARIANTS.items():
+        run_variant(tmp_path, 0, name, replace(QUICK, **changes))
+    assert calls == [
+        ("cpt", "base-vlm", "full", 0.4, 0.5), ("cl", "full/cpt", "full", True, True),
+        ("cpt", "base-vlm", "no-mlm", 0.0, 0.5), ("cl", "no-mlm/cpt", "no-mlm", True, True),
+        ("cpt", "base-vlm", "no-mae", 0.4, 0.0), ("cl", "no-mae/cpt", "no-mae", True, True),
+        ("cl", "seed0/base-vlm", "no-cpt", True, True),
+        ("cl", "seed0/base-vlm", "causal-plus-cl", False, True),
+        ("cpt", "base-vlm", "full", 0.4, 0.5), ("cl", "full/cpt", "no-task-aware-batching", True, False),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("bidirectional, pooling, expected_pooling", [(False, None, "last"), (True, None, "mean"),
+                                                                        (True, "last", "last")])  # fmt: skip
+def test_contrastive_script_keeps_a_causal_backbone_causal(tiny_vlm_dir, bidirectional, pooling, expected_pooling):
+    from train_contrastive import ContrastiveArguments, load_model
+
+    args = ContrastiveArguments(model_name_or_path=tiny_vlm_dir, dataset=["unused"], bidirectional=bidirectional,
+                                pooling=pooling)  # fmt: skip
+    model = load_model(args).eval()
+    assert model.config.bidirectional is bidirectional and model.config.pooling == expected_pooling
+    # Causal attention: the first token's hidden state does not depend on the tokens after it.
+    ids = torch.tensor([[5, 6, 7, 8], [5, 9, 10, 11]])
+    with torch.no_grad():
+        hidden = model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+    first_tokens_differ = (hidden[0, 0] - hidden[1, 0]).abs().max().item()
+    assert (first_tokens_differ < 1e-5) if not bidirectional else (first_tokens_differ > 1e-4)

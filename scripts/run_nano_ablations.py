@@ -40,7 +40,7 @@ SHARES_FULL_CPT = {"no task-aware batching"}
 
 PRESETS = {
     "default": Settings(),
-    # Half the default contrastive steps: about two minutes per variant on 2 idle cores, 12 minutes per seed.
+    # A quarter of the default contrastive steps: about two minutes per variant on 2 idle cores, 11 per seed.
     "small": Settings(cpt_steps=100, cl_steps=600),
     # Seconds per variant: the tests' grid.
     "tiny": Settings(data_scale=0.05, causal_steps=2, cpt_steps=2, cpt_token_budget=1024, cl_steps=2, cl_batch_size=4),

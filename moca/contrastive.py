@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import io
 import logging
 import math
-import os
 import random
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -25,6 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
+from .cpt import load_image
 from .processing_moca import format_prompt
 
 logger = logging.getLogger(__name__)
@@ -356,25 +355,6 @@ def drop_rows_without_positive(dataset: datasets.Dataset, task_name: str) -> dat
         logger.warning(f"task {task_name!r}: skipped {len(problems)} of {len(dataset)} rows ({shown})")
         dataset = dataset.select(kept)
     return dataset
-
-
-def load_image(value, image_root: str | None = None) -> Image.Image:
-    """An RGB image from PIL, bytes, a path, or a `datasets` Image dict; fully decoded so that errors surface here."""
-    if isinstance(value, dict):
-        value = value.get("bytes") or value.get("path")
-    if isinstance(value, (bytes, bytearray)):
-        image = Image.open(io.BytesIO(value))
-    elif isinstance(value, (str, os.PathLike)):
-        path = os.fspath(value)
-        if image_root is not None and not os.path.isabs(path) and not os.path.exists(path):
-            path = os.path.join(image_root, path)
-        image = Image.open(path)
-    elif isinstance(value, Image.Image):
-        image = value
-    else:
-        raise TypeError(f"unsupported image value of type {type(value).__name__}")
-    image.load()
-    return image.convert("RGB")
 
 
 def _as_list(value) -> list:

@@ -86,14 +86,20 @@ def load_cpt_dataset(sources: list[str], split: str = "train") -> datasets.Datas
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
 
-def load_image(image) -> Image.Image:
-    """A fully decoded RGB image from bytes, a path, a `{"bytes", "path"}` dict or a PIL image."""
+def load_image(image, image_root: str | None = None) -> Image.Image:
+    """A fully decoded RGB image from bytes, a path, a `{"bytes", "path"}` dict or a PIL image.
+
+    A relative path that does not exist as given is looked up under `image_root` (jsonl rows next to their images).
+    """
     if isinstance(image, dict):
-        image = image["bytes"] if image.get("bytes") is not None else image.get("path")
+        image = image.get("bytes") or image.get("path")
     if isinstance(image, (bytes, bytearray)):
         image = Image.open(io.BytesIO(image))
-    elif isinstance(image, (str, Path)):
-        image = Image.open(image)
+    elif isinstance(image, (str, os.PathLike)):
+        path = os.fspath(image)
+        if image_root is not None and not os.path.isabs(path) and not os.path.exists(path):
+            path = os.path.join(image_root, path)
+        image = Image.open(path)
     elif not isinstance(image, Image.Image):
         raise TypeError(f"unsupported image type {type(image).__name__}")
     image.load()  # decode now: a truncated file fails here, not in the middle of a training step

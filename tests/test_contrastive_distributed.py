@@ -2,7 +2,6 @@
 
 import datetime
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -50,9 +49,13 @@ def single_process():
     return loss.detach(), {name: p.grad for name, p in model.named_parameters()}
 
 
-def worker(rank, world_size, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
+def worker(rank, world_size, out_dir):
+    # A file rendezvous: a TCP port picked beforehand can be taken by a parallel test in the meantime, which
+    # leaves both processes waiting forever.
+    dist.init_process_group(
+        "gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world_size,
+        timeout=datetime.timedelta(seconds=60),
+    )
     try:
         model = nn.parallel.DistributedDataParallel(TinyEncoder())
         reductions = []
@@ -92,19 +95,13 @@ def worker(rank, world_size, port, out_dir):
         dist.destroy_process_group()
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # fp32; the computations differ only in summation order.
 ATOL, RTOL = 1e-6, 1e-5
 
 
 def test_two_processes_equal_single_process_on_global_batch(tmp_path):
     """Plain and GradCache, DDP over 2 gloo processes with unequal shares: loss and every gradient on every rank."""
-    mp.spawn(worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     expected_loss, expected_grads = single_process()
     for rank in range(2):
         result = load_file(tmp_path / f"rank{rank}.safetensors")

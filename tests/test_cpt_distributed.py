@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -34,18 +33,14 @@ save_file(weights, f"{{out_dir}}/rank{{rank}}.safetensors")
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_train_and_agree(tiny_vlm_dir, tmp_path):
     data = write_jsonl(make_rows(16, seed=11), tmp_path / "data")
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER.format(repo=str(REPO_ROOT)))
+    # --standalone: torchrun binds its rendezvous store to port 0 and the workers join that store, so no port is
+    # picked beforehand that a parallel test could take.
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
         str(worker), str(tmp_path),
         "--model_name_or_path", tiny_vlm_dir, "--dataset", str(data), "--output_dir", str(tmp_path / "run"),
         "--max_steps", "2", "--token_budget", "300", "--max_length", "256", "--learning_rate", "1e-3",

@@ -3,7 +3,6 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,12 +19,6 @@ from eval.mmeb import MMEBDataError, evaluate_mmeb, load_subset, parse_subset
 REPO_ROOT = Path(__file__).resolve().parents[1]
 QUERY_IMAGE_PROMPT = "<|image_1|> Represent the given image for classification"
 IMAGE_CANDIDATE = "<|image_1|>\nRepresent the given image."
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def write_subset(data_dir: Path, subset: str, rows: list[dict]) -> None:
@@ -231,6 +224,7 @@ def test_two_processes_give_the_results_of_one(tiny_moca, mmeb_data, tmp_path):
     one = main([*arguments, "--output_dir", str(tmp_path / "one")])
 
     # torchrun starts the processes as `accelerate launch` does on GPUs; ACCELERATE_USE_CPU makes them join over gloo.
+    # --standalone: the rendezvous store binds port 0 (no port picked beforehand that a parallel test could take).
     environment = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     completed = subprocess.run(
         [
@@ -239,8 +233,7 @@ def test_two_processes_give_the_results_of_one(tiny_moca, mmeb_data, tmp_path):
             "torch.distributed.run",
             "--nproc_per_node",
             "2",
-            "--master_port",
-            str(free_port()),
+            "--standalone",
             "-m",
             "eval.mmeb",
             *arguments,

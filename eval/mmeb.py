@@ -270,8 +270,11 @@ def evaluate_mmeb(
         )
         scores, positives = score_subset(parsed, embeddings)
         category, split = table[subset]
+        computed = metric.compute(predictions=scores, references=positives, per_query=True)
         per_subset[subset] = {
-            "precision_at_1": metric.compute(predictions=scores, references=positives)["precision_at_1"],
+            "precision_at_1": computed["precision_at_1"],
+            # Each row's score, in row order: what a paired comparison of two models needs.
+            "per_query": computed["per_query"],
             "num_rows": len(scores),
             "num_inputs": len(parsed.inputs),
             "category": category,

@@ -95,20 +95,20 @@ class Recorder:
         return self.model.encode(inputs, **kwargs)
 
 
-def direct_precision_at_1(model, data_dir: Path, subset: str) -> float:
-    """Precision@1 from `model.encode` of each row's own inputs, without the pipeline."""
+def direct_hits(model, data_dir: Path, subset: str) -> list[int]:
+    """Each row's Precision@1 from `model.encode` of the row's own inputs, without the pipeline."""
     table = pd.read_parquet(data_dir / subset / "test-00000-of-00001.parquet")
 
     def as_input(text, path):
         return {"text": text.replace("<|image_1|>", "<image>"), "image": data_dir / path if path else None}
 
-    hits = 0
+    hits = []
     for row in table.itertuples():
         query = model.encode([as_input(row.qry_text, row.qry_img_path)])
         candidates = model.encode([as_input(t, p) for t, p in zip(row.tgt_text, row.tgt_img_path)])
         scores = F.normalize(candidates, dim=-1) @ F.normalize(query, dim=-1)[0]
-        hits += int(scores.argmax()) == 0
-    return hits / len(table)
+        hits.append(int(int(scores.argmax()) == 0))
+    return hits
 
 
 @pytest.fixture(scope="module")
@@ -129,8 +129,9 @@ def test_scores_equal_those_from_model_encode(tiny_moca, mmeb_data, full_run):
     results, output_dir, _ = full_run
     assert list(results["subsets"]) == ["VOC2007", "MSCOCO_t2i", "NanoVQA"]
     for subset in results["subsets"]:
-        expected = direct_precision_at_1(model, mmeb_data, subset)
-        assert results["subsets"][subset]["precision_at_1"] == pytest.approx(expected, abs=1e-12), subset
+        expected = direct_hits(model, mmeb_data, subset)
+        assert results["subsets"][subset]["precision_at_1"] == pytest.approx(sum(expected) / len(expected), abs=1e-12)
+        assert results["subsets"][subset]["per_query"] == expected, subset  # row order kept, for paired tests
 
     # The cached embeddings are those of `model.encode` (fp32, different batches: tolerance 1e-5).
     cache = EmbeddingCache(output_dir / "embedding_cache" / model_fingerprint(model))

@@ -36,6 +36,9 @@ def test_precision_at_1_counts_a_tie_as_its_expected_value(precision_at_1):
         assert result["precision_at_1"] == pytest.approx(expected, abs=1e-12), scores
     result = precision_at_1.compute(predictions=[c[0] for c in cases], references=[c[1] for c in cases])
     assert result["precision_at_1"] == pytest.approx((1 + 0 + 1 / 2 + 0 + 1 / 3 + 1) / 6, abs=1e-12)
+    assert "per_query" not in result
+    result = precision_at_1.compute(predictions=[c[0] for c in cases], references=[c[1] for c in cases], per_query=True)
+    assert result["per_query"] == pytest.approx([c[2] for c in cases], abs=1e-12)
 
 
 def test_precision_at_1_rejects_a_positive_outside_the_list(precision_at_1):

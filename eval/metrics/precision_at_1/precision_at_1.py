@@ -16,8 +16,10 @@ _KWARGS_DESCRIPTION = """
 Args:
     predictions (`list` of `list` of `float`): similarity of each candidate to the query, one list per query.
     references (`list` of `int`): index of the positive candidate in that query's list.
+    per_query (`bool`, default False): also return each query's score (for paired tests between two models).
 Returns:
     precision_at_1 (`float`): mean over queries, in [0, 1].
+    per_query (`list` of `float`, only with `per_query=True`): each query's score, in [0, 1].
 Examples:
     >>> metric = evaluate.load("eval/metrics/precision_at_1")
     >>> metric.compute(predictions=[[0.9, 0.1], [0.2, 0.2]], references=[0, 1])
@@ -45,6 +47,9 @@ class PrecisionAt1(evaluate.Metric):
             ),
         )
 
-    def _compute(self, predictions, references):
+    def _compute(self, predictions, references, per_query=False):
         hits = [precision_at_1_per_query(scores, positive) for scores, positive in zip(predictions, references)]
-        return {"precision_at_1": float(np.mean(hits)) if hits else float("nan")}
+        result = {"precision_at_1": float(np.mean(hits)) if hits else float("nan")}
+        if per_query:
+            result["per_query"] = hits
+        return result

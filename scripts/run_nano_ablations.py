@@ -1,7 +1,7 @@
 """The paper's ablation table (Table 3) at nano scale: which parts of MoCa matter, over several seeds.
 
     python scripts/run_nano_ablations.py --output_dir out/ablations --seeds 0 1 2
-    python scripts/run_nano_ablations.py --output_dir out/ablations --preset small --seeds 0 1   # minutes per variant
+    python scripts/run_nano_ablations.py --output_dir out/ablations --preset medium --seeds 0 1 2  # ~4 min a variant
 
 Variants (each one the nano pipeline of scripts/run_nano_pipeline.py with one part taken away):
 - full: CPT (MLM + MAE) then contrastive training with task-aware batches;
@@ -13,7 +13,8 @@ Variants (each one the nano pipeline of scripts/run_nano_pipeline.py with one pa
 
 Each seed writes its own nano world and base VLM, shared by its variants; every stage is skipped when its output
 exists, so an interrupted grid resumes where it stopped. Writes OUT/ablations.md (mean and standard deviation over
-seeds) and OUT/ablations.json (every run's scores).
+seeds, the differences from the full variant paired by seed, and the final contrastive losses) and
+OUT/ablations.json (every run's scores).
 """
 
 import argparse
@@ -25,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run_nano_pipeline import Settings, evaluate, make_base_vlm, train_contrastive, train_cpt
+from run_nano_pipeline import Settings, evaluate, loss_history, make_base_vlm, train_contrastive, train_cpt
 
 VARIANTS = {
     "full": {},
@@ -40,6 +41,8 @@ SHARES_FULL_CPT = {"no task-aware batching"}
 
 PRESETS = {
     "default": Settings(),
+    # Half the default contrastive steps (the default CPT): about four minutes per variant on 2 idle cores.
+    "medium": Settings(cl_steps=1200),
     # A quarter of the default contrastive steps: about two minutes per variant on 2 idle cores, 11 per seed.
     "small": Settings(cpt_steps=100, cl_steps=600),
     # Seconds per variant: the tests' grid.
@@ -61,10 +64,20 @@ def summary_scores(results: dict) -> dict[str, float]:
     return {name: 100 * value for name, value in scores.items()}
 
 
+def run_dir_of(root: Path, seed: int, name: str) -> Path:
+    return root / f"seed{seed}" / name.split(" (")[0].replace(" ", "-").replace("+", "plus").lower()
+
+
+def final_contrastive_loss(root: Path, seed: int, name: str, last: int = 5) -> float | None:
+    """Mean of the last `last` logged contrastive losses of one run (None when it kept no history)."""
+    points = loss_history(run_dir_of(root, seed, name) / "final").get("loss", [])
+    return statistics.mean(loss for _, loss in points[-last:]) if points else None
+
+
 def run_variant(root: Path, seed: int, name: str, settings: Settings) -> dict:
     """One variant at one seed: its CPT (unless shared or skipped), contrastive training and evaluation."""
     seed_dir = root / f"seed{seed}"
-    run_dir = seed_dir / name.split(" (")[0].replace(" ", "-").replace("+", "plus").lower()
+    run_dir = run_dir_of(root, seed, name)
     data = seed_dir / "data"
     base = make_base_vlm(seed_dir, settings, seed)
     start = base
@@ -87,6 +100,24 @@ def ablation_table(runs: dict[str, list[dict[str, float]]], reference: list[dict
             spread = statistics.stdev(values) if len(values) > 1 else 0.0
             cells.append(f"{statistics.mean(values):.1f} ± {spread:.1f}")
         lines.append(f"| {variant} | {len(per_seed)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def paired_difference_table(runs: dict[str, list[dict[str, float]]], against: str = "full") -> str:
+    """Each variant minus `against`, seed by seed (a seed's variants share its world and base VLM, so most of the
+    seed-to-seed spread cancels), as mean ± standard deviation over seeds and the number of seeds it was ahead."""
+    columns = list(runs[against][0])
+    lines = ["| variant − " + against + " | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    for variant, per_seed in runs.items():
+        if variant == against:
+            continue
+        cells = []
+        for column in columns:
+            differences = [mine[column] - theirs[column] for mine, theirs in zip(per_seed, runs[against])]
+            spread = statistics.stdev(differences) if len(differences) > 1 else 0.0
+            ahead = sum(d > 0 for d in differences)
+            cells.append(f"{statistics.mean(differences):+.1f} ± {spread:.1f} ({ahead}/{len(differences)})")
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -114,16 +145,29 @@ def main():
         )
 
     table = ablation_table(runs, reference)
+    losses = {name: [final_contrastive_loss(root, seed, name) for seed in args.seeds] for name in runs}
+    loss_lines = ["| variant | final contrastive loss |", "|---|---:|"] + [
+        f"| {name} | {statistics.mean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.3f} |"
+        for name, values in losses.items() if None not in values
+    ]  # fmt: skip
+    paired = []
+    if "full" in runs:
+        paired = ["Differences from the full variant, paired by seed: mean ± standard deviation (seeds where the "
+                  "variant was ahead).", "", paired_difference_table(runs), ""]  # fmt: skip
     text = [
         "# Nano ablations (the paper's Table 3 at nano scale)", "",
         f"Preset `{args.preset}`, seeds {args.seeds}. Mean ± standard deviation over seeds; MMEB-layout Precision@1 "
         + "and ViDoRe-layout nDCG@5, in percent.", "", table, "",
+        *paired,
+        "Mean of the last five logged contrastive losses per run, mean ± standard deviation over seeds:", "",
+        *loss_lines, "",
         "## Settings of the full variant", "", "```json", json.dumps(asdict(preset), indent=2), "```", "",
     ]  # fmt: skip
     (root / "ablations.md").write_text("\n".join(text))
     (root / "ablations.json").write_text(json.dumps({"preset": asdict(preset), "seeds": args.seeds, "scores": runs,
-                                                     "base_vlm": reference, "results": raw}, indent=2))  # fmt: skip
-    print("\n" + table)
+                                                     "base_vlm": reference, "final_contrastive_loss": losses,
+                                                     "results": raw}, indent=2))  # fmt: skip
+    print("\n" + "\n".join(text))
 
 
 if __name__ == "__main__":

@@ -159,16 +159,18 @@ import pyarrow.parquet as pq
 from transformers import AutoModel
 model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True)
 data = sys.argv[2]
-table = pq.read_table(data + "/mmeb/data/CaptionToImage/test-00000-of-00001.parquet").to_pylist()[:3]
+table = pq.read_table(data + "/mmeb/data/CaptionToImage/test-00000-of-00001.parquet").to_pylist()[:8]
+# Every candidate image of these rows: each query's image among its nine look-alikes and the other rows' images.
 images = sorted({path for row in table for path in row["tgt_img_path"]})
 queries = [row["qry_text"].replace("Find me an everyday image that matches the given caption: ", "").strip() for row in table]
 scores = model.encode_queries(queries) @ model.encode_documents([data + "/mmeb/images/" + p for p in images]).T
-hits = []
+ranks = []
 for query, row, row_scores in zip(queries, table, scores):
-    ranked = row_scores.argsort(descending=True)[:3].tolist()
-    hits.append(images[ranked[0]] == row["tgt_img_path"][0])
-    print(f"  {query!r}: " + ", ".join(f"{images[i]} ({row_scores[i]:.3f})" for i in ranked))
-print(json.dumps({"top1_correct": sum(hits), "queries": len(hits)}))
+    ranked = row_scores.argsort(descending=True).tolist()
+    ranks.append(1 + ranked.index(images.index(row["tgt_img_path"][0])))
+    print(f"  {query!r} -> rank {ranks[-1]}; top 3: " + ", ".join(f"{images[i]} ({row_scores[i]:.3f})" for i in ranked[:3]))
+print(json.dumps({"top1_correct": sum(r == 1 for r in ranks), "top3_correct": sum(r <= 3 for r in ranks),
+                  "queries": len(ranks), "images": len(images)}))
 """
 
 
@@ -205,6 +207,20 @@ def score_rows(results: dict) -> dict[str, float]:
     return rows
 
 
+def gain_interval(before: list[float], after: list[float], seed: int = 0) -> tuple[float, float]:
+    """95% interval of the mean per-query gain `after - before`, by a paired bootstrap over the queries: the two
+    models answer the same queries, so resampling queries (not models) is what measures the gain's noise."""
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    if len(set(np.subtract(after, before))) == 1:  # every query moved by the same amount: no spread to resample
+        return float(after[0] - before[0]), float(after[0] - before[0])
+    interval = bootstrap((np.asarray(before), np.asarray(after)), lambda b, a, axis: np.mean(a - b, axis=axis),
+                         paired=True, vectorized=True, n_resamples=4000, method="percentile",
+                         rng=np.random.default_rng(seed)).confidence_interval  # fmt: skip
+    return float(interval.low), float(interval.high)
+
+
 def write_report(out: Path, settings: Settings, untrained: dict, final: dict, curves: dict, search: dict, minutes: float) -> str:
     import matplotlib
 
@@ -216,14 +232,25 @@ def write_report(out: Path, settings: Settings, untrained: dict, final: dict, cu
     lines = [
         "# Nano MoCa pipeline report", "",
         f"Base VLM (tiny, causally pre-trained here) vs the MoCa model after CPT + contrastive training; {minutes:.1f} min in all.",
-        "Scores in percent: MMEB-layout Precision@1 (chance in brackets), ViDoRe-layout nDCG@5.", "",
-        "| task | base VLM, bidirectional | MoCa (CPT + CL) | gain |", "|---|---:|---:|---:|",
+        "Scores in percent: MMEB-layout Precision@1 (chance in brackets), ViDoRe-layout nDCG@5. For each MMEB subset,",
+        "the 95% interval of the gain comes from a paired bootstrap over its queries.", "",
+        "| task | base VLM, bidirectional | MoCa (CPT + CL) | gain | gain, 95% interval |", "|---|---:|---:|---:|---:|",
     ]  # fmt: skip
+    intervals = {
+        f"MMEB {name} ({s['split']})": gain_interval(s["per_query"], final["mmeb"]["subsets"][name]["per_query"])
+        for name, s in untrained["mmeb"]["subsets"].items()
+    }
     for name in before:
         subset = name.split(" ")[1]
         note = f" ({100 * chance[subset]['chance']:.0f})" if subset in chance else ""
-        lines.append(f"| {name}{note} | {100 * before[name]:.1f} | {100 * after[name]:.1f} | {100 * (after[name] - before[name]):+.1f} |")
-    lines += ["", f"Fresh-process text-to-image search: {search['top1_correct']}/{search['queries']} queries found their image first.", ""]
+        low, high = intervals.get(name, (None, None))
+        interval = f"[{100 * low:+.1f}, {100 * high:+.1f}]" if low is not None else ""
+        lines.append(f"| {name}{note} | {100 * before[name]:.1f} | {100 * after[name]:.1f} | "
+                     f"{100 * (after[name] - before[name]):+.1f} | {interval} |")  # fmt: skip
+    above = sum(low > 0 for low, _ in intervals.values())
+    lines += ["", f"MMEB subsets whose whole 95% interval of the gain lies above zero: {above} of {len(intervals)}."]
+    lines += ["", f"Fresh-process text-to-image search over {search['images']} images: {search['top1_correct']}/{search['queries']} "
+              f"queries found their image first, {search['top3_correct']}/{search['queries']} in the top 3.", ""]
     lines += ["## Losses", ""]
     for stage, stage_curves in curves.items():
         for key, points in stage_curves.items():

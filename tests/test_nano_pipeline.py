@@ -14,7 +14,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
 
 import run_nano_ablations
-from run_nano_ablations import VARIANTS, ablation_table, run_variant, summary_scores
+from run_nano_ablations import VARIANTS, ablation_table, paired_difference_table, run_variant, summary_scores
 from run_nano_pipeline import QUICK
 
 
@@ -33,7 +33,15 @@ def test_quick_pipeline_writes_report_results_and_searches(tmp_path):
         assert 0 <= results["vidore"]["average"]["ndcg_at_5"] <= 1
     # The fresh-process search ran and reported how many of its queries found their image first.
     search = next(line for line in report.splitlines() if line.startswith("Fresh-process text-to-image search"))
-    assert search.split(": ")[1].split(" ")[0] in {"0/3", "1/3", "2/3", "3/3"}
+    found, asked = map(int, search.split(": ")[1].split(" ")[0].split("/"))
+    assert asked == 8 and 0 <= found <= asked
+    # Each MMEB subset's gain carries a paired-bootstrap interval that contains the gain itself.
+    for line in report.splitlines():
+        if line.startswith("| MMEB") and "[" in line:
+            gain, interval = line.split("|")[4:6]
+            low, high = map(float, interval.strip(" []").split(","))
+            assert low <= float(gain) <= high, line
+    assert "MMEB subsets whose whole 95% interval of the gain lies above zero:" in report
     assert "contrastive loss" in report  # the contrastive stage saved its loss history
     assert (out / "report.png").stat().st_size > 0
 
@@ -64,6 +72,21 @@ def test_ablation_table_mean_and_spread():
     assert lines[3].startswith("| full | 2 | 60.0 ± 14.1 | 70.0 ± 14.1 | 50.0 ± 14.1 |")
     assert lines[3].endswith("| 30.0 ± 7.1 |")
     assert lines[4].startswith("| no CPT (bidirectional + CL) | 2 | 20.0 ± 0.0 |")
+
+
+def test_paired_differences_cancel_what_seeds_share():
+    # Seed 1 is 20 points better than seed 0 for both variants: the paired difference has no spread at all.
+    runs = {
+        "full": [summary_scores(fake_results(0.5)), summary_scores(fake_results(0.7))],
+        "no MLM": [summary_scores(fake_results(0.4)), summary_scores(fake_results(0.6))],
+        "no MAE": [summary_scores(fake_results(0.6)), summary_scores(fake_results(0.6))],
+    }
+    lines = paired_difference_table(runs).splitlines()
+    assert lines[0].startswith("| variant − full | MMEB overall |")
+    assert lines[2].startswith("| no MLM | -10.0 ± 0.0 (0/2) |")
+    # +10 then -10: mean 0, sample standard deviation 14.1, ahead on one seed of two.
+    assert lines[3].startswith("| no MAE | +0.0 ± 14.1 (1/2) |")
+    assert len(lines) == 4  # no row for the reference variant itself
 
 
 def test_ablation_variants_start_from_the_right_checkpoints(tmp_path, monkeypatch):

@@ -15,8 +15,9 @@ Everything is a function of ``seed`` and ``scale``: every section draws from its
 images are encoded as PNG by Pillow (no timestamps), and rows are written in generation order, so two runs write
 byte-identical files. Evaluation scenes are drawn from other streams than training scenes and any evaluation
 scene that happens to equal a training scene is redrawn, so no evaluation image is a training image. Some
-shape-colour combinations never appear in training (``HELD_OUT_COMBOS``); out-of-domain subsets use them or task
-types that training lacks (position questions, grounding by position, shape-only labels).
+shape-colour combinations never appear in training (``HELD_OUT_COMBOS``); out-of-domain subsets ask about them
+(classification, VQA, retrieval and grounding of held-out objects) or use a label set that training lacks
+(shape-only labels), as MMEB's out-of-domain sets are new data and new label sets for the task types it trains.
 
 Colours and shapes are drawn large and flat so that a tiny model trained for minutes on a CPU can learn them;
 page text is rendered too small for such a model to read, so document pages also carry a coloured header and
@@ -121,7 +122,6 @@ PROMPTS = {
     ),
     "document_retrieval": ("Find a document image that matches the given query: {text}\n", IMAGE_DOCUMENT_PROMPT),
 }
-POSITION_GROUNDING_PROMPT = '<image>Select the portion of the image that follows the language expression: "{text}".\n'
 
 NUM_HARD_NEGATIVES = 2
 NUM_CANDIDATES = 10
@@ -138,7 +138,7 @@ CONTRASTIVE_ROWS = {
     "document_retrieval": 500,
 }
 MIN_CONTRASTIVE_ROWS = 8
-MMEB_ROWS = (50, 4)
+MMEB_ROWS = (200, 4)  # 200 queries: one query moves a subset by half a point
 VIDORE_TOPICS = (20, 4)  # two pages per topic: ~40 pages at scale 1.0
 
 
@@ -558,7 +558,8 @@ def _caption_to_image(sampler, num_rows):
 
 
 def vqa_pair(description, kind, rng):
-    """A question about a one-kind scene and its short answer; `kind` is colour, shape or count."""
+    """A question about a one-kind scene and its short answer; `kind` is colour, shape, count or position (the
+    position of a single placed object, answered with the caption's phrase: "on the left")."""
     d = description
     if kind == "colour":
         question = rng.choice(
@@ -570,12 +571,28 @@ def vqa_pair(description, kind, rng):
     if kind == "shape":
         objects = "object is" if d.count == 1 else "objects are"
         return rng.choice(("What shape is shown in the image?", f"What shape {objects} {d.colour}?")), d.shape
+    if kind == "position":
+        question = rng.choice(
+            (
+                f"Where is the {d.shape}?",
+                f"Where is the {label(d.shape, d.colour)} in the image?",
+                "Where is the object?",
+            )
+        )
+        return question, POSITIONS[d.position][1]
     return rng.choice((f"How many {PLURALS[d.shape]} are there?", "How many objects are in the image?")), COUNT_WORDS[
         d.count - 1
     ]
 
 
-VQA_ANSWERS = {"colour": COLOUR_NAMES, "shape": SHAPES, "count": COUNT_WORDS}
+VQA_ANSWERS = {
+    "colour": COLOUR_NAMES,
+    "shape": SHAPES,
+    "count": COUNT_WORDS,
+    "position": tuple(where for _, where in POSITIONS.values()),
+}
+# Which scenes a question kind needs: counts are asked of counted scenes, positions of single placed objects.
+VQA_PLACED = {"colour": None, "shape": None, "count": False, "position": True}
 
 
 def _vqa(sampler, num_rows):
@@ -583,7 +600,7 @@ def _vqa(sampler, num_rows):
     rows = []
     for _ in range(num_rows):
         kind = rng.choice(tuple(VQA_ANSWERS))
-        d = sampler.description(TRAIN_COMBOS, placed=False if kind == "count" else None)
+        d = sampler.description(TRAIN_COMBOS, placed=VQA_PLACED[kind])
         question, answer = vqa_pair(d, kind, rng)
         negatives = rng.sample([a for a in VQA_ANSWERS[kind] if a != answer], NUM_HARD_NEGATIVES)
         image = _image(render_scene(sampler.scene(d)))
@@ -592,14 +609,21 @@ def _vqa(sampler, num_rows):
 
 
 def _classification(sampler, num_rows):
+    """Object labels ("red circle"), and for a third of the rows colour labels ("red"): labels of more than one
+    granularity, so that shape-only labels (ShapeClassification, out-of-domain) are a new label set, not a new
+    kind of label."""
     rows = []
     for _ in range(num_rows):
         d = sampler.description(TRAIN_COMBOS, placed=True)
-        negatives = [
-            label(v.shape, v.colour) for v in _combo_variants(sampler.rng, d, TRAIN_COMBOS, NUM_HARD_NEGATIVES)
-        ]
+        if sampler.rng.random() < 1 / 3:
+            positive = d.colour
+            negatives = sampler.rng.sample([c for c in COLOUR_NAMES if c != d.colour], NUM_HARD_NEGATIVES)
+        else:
+            positive = label(d.shape, d.colour)
+            variants = _combo_variants(sampler.rng, d, TRAIN_COMBOS, NUM_HARD_NEGATIVES)
+            negatives = [label(v.shape, v.colour) for v in variants]
         image = _image(render_scene(sampler.scene(d)))
-        rows.append(_row(query_image=image, pos_text=label(d.shape, d.colour), neg_text=negatives))
+        rows.append(_row(query_image=image, pos_text=positive, neg_text=negatives))
     return rows
 
 
@@ -731,28 +755,16 @@ def _mmeb_shape_classification(sampler, num_rows):
     return rows
 
 
-def _mmeb_vqa(sampler, num_rows, kind):
+def _mmeb_vqa(sampler, num_rows, kinds, combos=TRAIN_COMBOS):
+    """Questions of the given kinds (one drawn per row) about scenes of `combos`."""
     prompt = PROMPTS["vqa"][0]
     rows = []
     for _ in range(num_rows):
-        d = sampler.description(TRAIN_COMBOS, placed=False if kind == "count" else None)
+        kind = sampler.rng.choice(kinds)
+        d = sampler.description(combos, placed=VQA_PLACED[kind])
         question, answer = vqa_pair(d, kind, sampler.rng)
         candidates = [answer] + _shuffled(sampler.rng, [a for a in VQA_ANSWERS[kind] if a != answer])
         rows.append((mmeb_text(prompt, question), render_scene(sampler.scene(d)), [(c, None) for c in candidates]))
-    return rows
-
-
-def _mmeb_position_vqa(sampler, num_rows):
-    prompt = PROMPTS["vqa"][0]
-    answers = {"left": "left", "right": "right", "top": "top", "bottom": "bottom", "center": "middle"}
-    rows = []
-    for _ in range(num_rows):
-        scene = sampler.multi_scene(TRAIN_COMBOS)
-        thing = sampler.rng.choice(scene.things)
-        question = f"Where is the {label(thing.shape, thing.colour)} in the image?"
-        answer = answers[thing.position]
-        candidates = [answer] + _shuffled(sampler.rng, [a for a in answers.values() if a != answer])
-        rows.append((mmeb_text(prompt, question), render_scene(scene), [(c, None) for c in candidates]))
     return rows
 
 
@@ -799,16 +811,20 @@ def _grounding_candidates(sampler, scene, target, pool):
     return [(MMEB_CROP_TARGET, crop) for crop in own + [crop_thing(s, t) for s, t in extra]]
 
 
-def _mmeb_grounding(sampler, num_rows, by_position):
-    scenes = [sampler.multi_scene(TRAIN_COMBOS) for _ in range(num_rows + 3)]
+def _mmeb_grounding(sampler, num_rows, held_out=False):
+    """Scenes of three or four objects; the query names one by its label and the target is its crop. With
+    `held_out`, every scene holds at least one held-out shape-colour combination and the query names one."""
+    scenes = []
+    while len(scenes) < num_rows + 3:
+        scene = sampler.multi_scene(ALL_COMBOS if held_out else TRAIN_COMBOS)
+        if not held_out or any((t.shape, t.colour) in HELD_OUT_COMBOS for t in scene.things):
+            scenes.append(scene)
     pool = [(scene, thing) for scene in scenes for thing in scene.things]
     rows = []
     for scene in scenes[:num_rows]:
-        target = sampler.rng.choice(scene.things)
-        if by_position:
-            query = mmeb_text(POSITION_GROUNDING_PROMPT, f"the object {POSITIONS[target.position][1]}")
-        else:
-            query = mmeb_text(PROMPTS["grounding"][0], label(target.shape, target.colour))
+        targets = [t for t in scene.things if not held_out or (t.shape, t.colour) in HELD_OUT_COMBOS]
+        target = sampler.rng.choice(targets)
+        query = mmeb_text(PROMPTS["grounding"][0], label(target.shape, target.colour))
         rows.append((query, render_scene(scene), _grounding_candidates(sampler, scene, target, pool)))
     return rows
 
@@ -822,15 +838,16 @@ MMEB_SUBSETS = {
         lambda s, n: _mmeb_object_classification(s, n, HELD_OUT_COMBO_LIST),
     ),
     "ShapeClassification": ("Classification", "OOD", _mmeb_shape_classification),
-    "ColorVQA": ("VQA", "IND", lambda s, n: _mmeb_vqa(s, n, "colour")),
-    "CountVQA": ("VQA", "IND", lambda s, n: _mmeb_vqa(s, n, "count")),
-    "PositionVQA": ("VQA", "OOD", _mmeb_position_vqa),
+    "ColorVQA": ("VQA", "IND", lambda s, n: _mmeb_vqa(s, n, ("colour",))),
+    "CountVQA": ("VQA", "IND", lambda s, n: _mmeb_vqa(s, n, ("count",))),
+    "PositionVQA": ("VQA", "IND", lambda s, n: _mmeb_vqa(s, n, ("position",))),
+    "HeldOutVQA": ("VQA", "OOD", lambda s, n: _mmeb_vqa(s, n, tuple(VQA_ANSWERS), HELD_OUT_COMBO_LIST)),
     "CaptionToImage": ("Retrieval", "IND", lambda s, n: _mmeb_caption_to_image(s, n, TRAIN_COMBOS)),
     "ImageToCaption": ("Retrieval", "IND", _mmeb_image_to_caption),
     "TextToPage": ("Retrieval", "IND", _mmeb_text_to_page),
     "HeldOutCaptionToImage": ("Retrieval", "OOD", lambda s, n: _mmeb_caption_to_image(s, n, HELD_OUT_COMBO_LIST)),
-    "LabelGrounding": ("Visual Grounding", "IND", lambda s, n: _mmeb_grounding(s, n, by_position=False)),
-    "PositionGrounding": ("Visual Grounding", "OOD", lambda s, n: _mmeb_grounding(s, n, by_position=True)),
+    "LabelGrounding": ("Visual Grounding", "IND", _mmeb_grounding),
+    "HeldOutLabelGrounding": ("Visual Grounding", "OOD", lambda s, n: _mmeb_grounding(s, n, held_out=True)),
 }
 MMEB_SCHEMA = pa.schema(
     [

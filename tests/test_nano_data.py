@@ -16,7 +16,7 @@ from moca.nano_data import COLOURS, HELD_OUT_COMBOS, NUM_HARD_NEGATIVES, PLURALS
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCALE = 0.05
 MMEB_CATEGORIES = {"Classification", "VQA", "Retrieval", "Visual Grounding"}
-CROP_SUBSETS = {"LabelGrounding", "PositionGrounding"}
+CROP_SUBSETS = {"LabelGrounding", "HeldOutLabelGrounding"}
 
 
 @pytest.fixture(scope="module")
@@ -250,6 +250,34 @@ def test_mmeb_held_out_subsets_use_held_out_combinations(world):
     for row in _mmeb(world, "HeldOutObjectClassification").to_pylist():
         colour, shape = row["tgt_text"][0].split()
         assert (shape, colour) in HELD_OUT_COMBOS
+    for subset in ("HeldOutCaptionToImage", "HeldOutLabelGrounding", "HeldOutVQA"):
+        rows = _mmeb(world, subset).to_pylist()
+        assert rows, subset
+        for row in rows:
+            if subset != "HeldOutVQA":  # the query names a held-out object
+                assert any(f"{c} {s}" in row["qry_text"] for s, c in HELD_OUT_COMBOS), (subset, row["qry_text"])
+                continue
+            # Each colour is held out with one shape: the scene's colour says which shape any question may name.
+            with _mmeb_image(world, row["qry_img_path"]) as image:
+                (colour,) = _colours_in(image)
+            held_out_shape = next(s for s, c in HELD_OUT_COMBOS if c == colour)
+            named = [s for s in PLURALS if re.search(rf"\b{s}", row["qry_text"].split(":", 1)[-1])]
+            assert set(named) <= {held_out_shape}, (row["qry_text"], colour)
+
+
+def test_vqa_training_and_evaluation_ask_where_objects_are(world):
+    """Position questions are trained (VQA) and evaluated (PositionVQA), answered with the captions' phrases."""
+    phrases = {"on the left", "on the right", "at the top", "at the bottom", "in the middle"}
+    trained = load_from_disk(world / "contrastive" / "vqa")
+    asked = [row["pos_text"] for row in trained.select_columns(["query_text", "pos_text"]) if "Where" in row["query_text"]]
+    assert asked and set(asked) <= phrases
+    for row in _mmeb(world, "PositionVQA").to_pylist():
+        assert row["tgt_text"][0] in phrases and sorted(row["tgt_text"]) == sorted(phrases)
+
+
+def test_classification_training_has_object_and_colour_labels(world):
+    labels = load_from_disk(world / "contrastive" / "classification")["pos_text"]
+    assert {len(text.split()) for text in labels} == {1, 2}  # "red" and "red circle"
 
 
 # ---------------------------------------------------------------------------------------------------------------

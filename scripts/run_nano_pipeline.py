@@ -237,9 +237,10 @@ def write_report(out: Path, settings: Settings, untrained: dict, final: dict, cu
         "the 95% interval of the gain comes from a paired bootstrap over its queries.", "",
         "| task | base VLM, bidirectional | MoCa (CPT + CL) | gain | gain, 95% interval |", "|---|---:|---:|---:|---:|",
     ]  # fmt: skip
-    intervals = {
+    intervals = {  # results written before MMEB kept per-query scores have none: no interval for them
         f"MMEB {name} ({s['split']})": gain_interval(s["per_query"], final["mmeb"]["subsets"][name]["per_query"])
         for name, s in untrained["mmeb"]["subsets"].items()
+        if "per_query" in s and "per_query" in final["mmeb"]["subsets"].get(name, {})
     }
     for name in before:
         subset = name.split(" ")[1]
@@ -248,8 +249,9 @@ def write_report(out: Path, settings: Settings, untrained: dict, final: dict, cu
         interval = f"[{100 * low:+.1f}, {100 * high:+.1f}]" if low is not None else ""
         lines.append(f"| {name}{note} | {100 * before[name]:.1f} | {100 * after[name]:.1f} | "
                      f"{100 * (after[name] - before[name]):+.1f} | {interval} |")  # fmt: skip
-    above = sum(low > 0 for low, _ in intervals.values())
-    lines += ["", f"MMEB subsets whose whole 95% interval of the gain lies above zero: {above} of {len(intervals)}."]
+    if intervals:
+        above = sum(low > 0 for low, _ in intervals.values())
+        lines += ["", f"MMEB subsets whose whole 95% interval of the gain lies above zero: {above} of {len(intervals)}."]
     lines += ["", f"Fresh-process text-to-image search over {search['images']} images: {search['top1_correct']}/{search['queries']} "
               f"queries found their image first, {search['top3_correct']}/{search['queries']} in the top 3.", ""]
     lines += ["## Losses", ""]

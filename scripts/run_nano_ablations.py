@@ -90,6 +90,11 @@ def run_variant(root: Path, seed: int, name: str, settings: Settings) -> dict:
     return evaluate(final, run_dir / "eval", data, settings)
 
 
+def mean_and_spread(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation over seeds (0 for a single seed)."""
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def ablation_table(runs: dict[str, list[dict[str, float]]], reference: list[dict[str, float]] | None = None) -> str:
     """Markdown table of mean ± standard deviation over seeds; `runs` maps a variant to its per-seed scores."""
     columns = list(next(iter(runs.values()))[0])
@@ -98,9 +103,8 @@ def ablation_table(runs: dict[str, list[dict[str, float]]], reference: list[dict
     for variant, per_seed in rows.items():
         cells = []
         for column in columns:
-            values = [scores[column] for scores in per_seed]
-            spread = statistics.stdev(values) if len(values) > 1 else 0.0
-            cells.append(f"{statistics.mean(values):.1f} ± {spread:.1f}")
+            mean, spread = mean_and_spread([scores[column] for scores in per_seed])
+            cells.append(f"{mean:.1f} ± {spread:.1f}")
         lines.append(f"| {variant} | {len(per_seed)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -116,9 +120,9 @@ def paired_difference_table(runs: dict[str, list[dict[str, float]]], against: st
         cells = []
         for column in columns:
             differences = [mine[column] - theirs[column] for mine, theirs in zip(per_seed, runs[against])]
-            spread = statistics.stdev(differences) if len(differences) > 1 else 0.0
+            mean, spread = mean_and_spread(differences)
             ahead = sum(d > 0 for d in differences)
-            cells.append(f"{statistics.mean(differences):+.1f} ± {spread:.1f} ({ahead}/{len(differences)})")
+            cells.append(f"{mean:+.1f} ± {spread:.1f} ({ahead}/{len(differences)})")
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -149,7 +153,7 @@ def main():
     table = ablation_table(runs, reference)
     losses = {name: [final_contrastive_loss(root, seed, name) for seed in args.seeds] for name in runs}
     loss_lines = ["| variant | final contrastive loss |", "|---|---:|"] + [
-        f"| {name} | {statistics.mean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.3f} |"
+        "| {} | {:.3f} ± {:.3f} |".format(name, *mean_and_spread(values))
         for name, values in losses.items() if None not in values
     ]  # fmt: skip
     paired = []

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = REPO_ROOT.parent / "shared" / "fixtures"
+# Everything the tests read lies in the repository (tests/fixtures/: data made by the original release's code).
+FIXTURES = REPO_ROOT / "tests" / "fixtures"
 sys.path.insert(0, str(REPO_ROOT))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -43,5 +44,5 @@ def tiny_moca(tiny_vlm_dir):
 def official_fixture() -> Path:
     path = FIXTURES / "official-moca-tiny-a"
     if not path.is_dir():
-        pytest.fail(f"missing reference fixture {path} (shared/fixtures must sit beside the repository)")
+        pytest.fail(f"missing reference fixture {path}")
     return path

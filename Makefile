@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	$(PY) scripts/run_nano_pipeline.py --output_dir $(OUT)
+	$(PY) examples/nano/run_pipeline.py --output_dir $(OUT)
 
 test: setup
 	$(PY) -m pytest -q -n 2 --durations=15

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from common import append_results, markdown_table  # common also puts the repository on sys.path
-from moca.cpt import IMAGE_TOKEN_COST, BudgetBatchSampler, padding_fraction
+from moca.training.cpt import IMAGE_TOKEN_COST, BudgetBatchSampler, padding_fraction
 from moca.modeling_moca import masked_lm_loss
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 

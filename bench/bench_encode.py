@@ -24,9 +24,9 @@ from common import (
 @torch.inference_mode()
 def encode_in_arrival_order(model, inputs: list, batch_size: int) -> torch.Tensor:
     """The same preparation and forward as `encode`, with batches taken in the order the inputs came."""
-    items = model.prepare_inputs(inputs)
+    items = model.processor.parse_inputs(inputs, image_prompt=model.config.image_prompt)
     chunks = [
-        model(**model.collate(items[start : start + batch_size])).embeddings
+        model(**model.processor.batch(items[start : start + batch_size])).embeddings
         for start in range(0, len(items), batch_size)
     ]
     return torch.cat(chunks)

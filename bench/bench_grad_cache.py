@@ -4,7 +4,7 @@
         [--threads 1]
 
 Each mode runs in its own process, on the same random model and batch, through the pieces `train_contrastive.py`
-uses (`ContrastiveCollator`, `contrastive_loss`, `grad_cache_step`), with an SGD step after each backward.
+uses (`ContrastiveCollator`, `contrastive_loss`, `grad_cache_loss`), with an SGD step after each backward.
 Peak memory is the rise of the process's peak resident memory over what it held before the first step
 (weights, gradients and the processed batch are held in both modes). Time per step (wall clock, and CPU time of
 the process, which other work on a shared machine disturbs less) is the median over `--steps` steps after one
@@ -27,7 +27,7 @@ import datasets
 import torch
 from common import _WORDS, append_results, build_model, load_note, markdown_table, parameter_count
 
-from moca.contrastive import ContrastiveCollator, MultiTaskDataset, TaskSpec, contrastive_loss, grad_cache_step
+from moca.training.contrastive import ContrastiveCollator, MultiTaskDataset, TaskSpec, contrastive_loss, grad_cache_loss
 
 
 def text_pairs(n_pairs: int, seed: int = 0) -> datasets.Dataset:
@@ -56,7 +56,8 @@ def measure(args) -> dict:
 
     def step():
         if args.mode == "grad_cache":
-            loss = grad_cache_step(lambda chunk: model(**chunk).embeddings, batch["chunks"], loss_fn)
+            loss = grad_cache_loss(lambda chunk: model(**chunk).embeddings, batch["chunks"], loss_fn)
+            loss.backward()
         else:
             loss = loss_fn(torch.cat([model(**chunk).embeddings for chunk in batch["chunks"]]))
             loss.backward()

@@ -89,8 +89,8 @@ def model_flops(model: MoCaModel, batch) -> float:
 
 def workload_flops(model: MoCaModel, inputs: list, prompt: str | None = None) -> float:
     """FLOPs of embedding `inputs`, each on its own (no padding)."""
-    items = model.prepare_inputs(inputs, prompt)
-    return sum(model_flops(model, model.collate([item])) for item in items)
+    items = model.processor.parse_inputs(inputs, prompt, image_prompt=model.config.image_prompt)
+    return sum(model_flops(model, model.processor.batch([item])) for item in items)
 
 
 def timed(function, *args, **kwargs) -> tuple[float, object]:

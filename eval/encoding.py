@@ -5,6 +5,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +15,39 @@ from accelerate.utils import gather, parse_flag_from_env
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from moca.modeling_moca import DTYPES
+
 logger = logging.getLogger(__name__)
 
 KEY_BYTES = 16
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class EvalArguments:
+    """The flags both benchmarks share (named as in the training scripts and the CLI)."""
+
+    model_name_or_path: str = field(
+        metadata={"help": "MoCa checkpoint: a local folder or a Hub name.", "aliases": ["--model"]}
+    )
+    output_dir: str = field(metadata={"help": "Where the results (json, md, png) and the embedding cache go."})
+    batch_size: int = field(default=16, metadata={"help": "Inputs per forward pass."})
+    max_length: int | None = field(
+        default=None, metadata={"help": "Longest input in tokens; longer text is cut (not cut when not given)."}
+    )
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "Embedding cache folder; OUTPUT_DIR/embedding_cache when not given."}
+    )
+    dtype: str | None = field(
+        default=None,
+        metadata={"help": f"Weights dtype ({', '.join(DTYPES)}); bfloat16 on an accelerator and float32 on CPU "
+                          "when not given."},
+    )
+
+
+def embedding_cache(model, output_dir, cache_dir=None, max_length: int | None = None) -> "EmbeddingCache":
+    """The cache of one model's embeddings, apart for each `max_length` (a cut input has another embedding)."""
+    folder = model_fingerprint(model) + (f"-max_length{max_length}" if max_length is not None else "")
+    return EmbeddingCache(Path(cache_dir or Path(output_dir) / "embedding_cache") / folder)
 
 
 def init_processes() -> PartialState:

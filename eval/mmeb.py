@@ -19,15 +19,7 @@ import torch.nn.functional as F
 from accelerate import PartialState
 from transformers import HfArgumentParser
 
-from .encoding import (
-    EmbeddingCache,
-    content_key,
-    encode_with_cache,
-    file_stamp,
-    init_processes,
-    load_model,
-    model_fingerprint,
-)
+from .encoding import EvalArguments, content_key, embedding_cache, encode_with_cache, file_stamp, init_processes, load_model
 from .metrics import load_metric
 from .report import bar_plot, markdown_table, write_results
 
@@ -233,6 +225,7 @@ def evaluate_mmeb(
     image_dir: str | Path | None = None,
     subsets: list[str] | None = None,
     batch_size: int = 16,
+    max_length: int | None = None,
     cache_dir: str | Path | None = None,
     model_name: str | None = None,
 ) -> dict:
@@ -254,7 +247,7 @@ def evaluate_mmeb(
             f"MMEB subsets {unknown} have no category: add them to subsets.json in the data folder "
             f"({{subset: {{'category': one of {CATEGORIES}, 'split': 'IND' or 'OOD'}}}})"
         )
-    cache = EmbeddingCache(Path(cache_dir or output_dir / "embedding_cache") / model_fingerprint(model))
+    cache = embedding_cache(model, output_dir, cache_dir, max_length)
     metric = load_metric("precision_at_1")
 
     per_subset = {}
@@ -263,7 +256,7 @@ def evaluate_mmeb(
         embeddings = encode_with_cache(
             parsed.inputs,
             parsed.keys,
-            lambda share: model.encode(share, batch_size=batch_size, show_progress_bar=False),
+            lambda share: model.encode(share, batch_size=batch_size, max_length=max_length, show_progress_bar=False),
             cache=cache,
             namespace=f"mmeb/{subset}",
             description=f"MMEB {subset} ({number}/{len(subsets)})",
@@ -322,9 +315,7 @@ def write_mmeb_results(output_dir: Path, results: dict) -> None:
 
 
 @dataclass
-class MMEBArguments:
-    model: str = field(metadata={"help": "MoCa checkpoint: a local folder or a Hub name."})
-    output_dir: str = field(metadata={"help": "Where mmeb_results.{json,md,png} and the embedding cache go."})
+class MMEBArguments(EvalArguments):
     dataset: str = field(default=DEFAULT_DATASET, metadata={"help": "Hub dataset with one config per subset."})
     data_dir: str | None = field(
         default=None, metadata={"help": "Local folder of <subset>/*.parquet (replaces --dataset)."}
@@ -333,20 +324,13 @@ class MMEBArguments:
     subsets: list[str] | None = field(
         default=None, metadata={"help": "Subsets to evaluate; all of them when not given."}
     )
-    batch_size: int = field(default=16, metadata={"help": "Inputs per forward pass."})
-    cache_dir: str | None = field(
-        default=None, metadata={"help": "Embedding cache folder; OUTPUT_DIR/embedding_cache when not given."}
-    )
-    dtype: str | None = field(
-        default=None, metadata={"help": "Weights dtype; bfloat16 on an accelerator and float32 on CPU when not given."}
-    )
 
 
 def main(argv: list[str] | None = None) -> dict:
     (args,) = HfArgumentParser(MMEBArguments).parse_args_into_dataclasses(args=argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     init_processes()
-    model = load_model(args.model, dtype=args.dtype)
+    model = load_model(args.model_name_or_path, dtype=args.dtype)
     results = evaluate_mmeb(
         model,
         args.output_dir,
@@ -355,8 +339,9 @@ def main(argv: list[str] | None = None) -> dict:
         image_dir=args.image_dir,
         subsets=args.subsets,
         batch_size=args.batch_size,
+        max_length=args.max_length,
         cache_dir=args.cache_dir,
-        model_name=args.model,
+        model_name=args.model_name_or_path,
     )
     if PartialState().is_main_process:
         print((Path(args.output_dir) / "mmeb_results.md").read_text())

@@ -10,7 +10,6 @@ prompt, queries with its query prompt; the multilingual sets are scored over all
 
 import functools
 import hashlib
-import io
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,9 @@ from accelerate import PartialState
 from PIL import Image
 from transformers import HfArgumentParser
 
-from .encoding import EmbeddingCache, content_key, encode_with_cache, init_processes, load_model, model_fingerprint
+from moca.data import load_image
+
+from .encoding import EvalArguments, content_key, embedding_cache, encode_with_cache, init_processes, load_model
 from .metrics import load_metric
 from .report import bar_plot, markdown_table, write_results
 
@@ -82,7 +83,7 @@ def _page_bytes(name: str, row: int, image) -> bytes:
 
 
 def _open_page(name: str, corpus: hf_datasets.Dataset, row: int) -> Image.Image:
-    return Image.open(io.BytesIO(_page_bytes(name, row, corpus[row]["image"]))).convert("RGB")
+    return load_image(_page_bytes(name, row, corpus[row]["image"]))
 
 
 @dataclass
@@ -150,6 +151,7 @@ def evaluate_vidore(
     *,
     datasets: list[str] | tuple[str, ...] = DEFAULT_DATASETS,
     batch_size: int = 8,
+    max_length: int | None = None,
     cache_dir: str | Path | None = None,
     query_prompt: str | None = None,
     model_name: str | None = None,
@@ -160,7 +162,7 @@ def evaluate_vidore(
     pages through `model.encode_documents`. Returns the results written to the JSON file.
     """
     output_dir = Path(output_dir)
-    cache = EmbeddingCache(Path(cache_dir or output_dir / "embedding_cache") / model_fingerprint(model))
+    cache = embedding_cache(model, output_dir, cache_dir, max_length)
     metric = load_metric("retrieval_scores")
     if query_prompt is None:
         encode_queries, query_kind = model.encode_queries, "vidore-query"
@@ -178,7 +180,7 @@ def evaluate_vidore(
         query_embeddings = encode_with_cache(
             data.query_texts,
             [content_key(query_kind, text) for text in data.query_texts],
-            lambda share: encode_queries(share, batch_size=batch_size, show_progress_bar=False),
+            lambda share: encode_queries(share, batch_size=batch_size, max_length=max_length, show_progress_bar=False),
             cache=cache,
             namespace=f"vidore/{short_name}/queries",
             description=f"ViDoRe {short_name} queries ({number}/{len(datasets)})",
@@ -186,7 +188,9 @@ def evaluate_vidore(
         document_embeddings = encode_with_cache(
             list(range(len(data.corpus))),
             data.page_keys,
-            lambda share: model.encode_documents(share, batch_size=batch_size, show_progress_bar=False),
+            lambda share: model.encode_documents(
+                share, batch_size=batch_size, max_length=max_length, show_progress_bar=False
+            ),
             cache=cache,
             namespace=f"vidore/{short_name}/documents",
             load_fn=functools.partial(_open_page, name, data.corpus),
@@ -228,21 +232,14 @@ def write_vidore_results(output_dir: Path, results: dict) -> None:
 
 
 @dataclass
-class ViDoReArguments:
-    model: str = field(metadata={"help": "MoCa checkpoint: a local folder or a Hub name."})
-    output_dir: str = field(metadata={"help": "Where vidore_results.{json,md,png} and the embedding cache go."})
-    datasets: list[str] = field(
-        default_factory=lambda: list(DEFAULT_DATASETS), metadata={"help": "Hub names or local folders."}
+class ViDoReArguments(EvalArguments):
+    dataset: list[str] = field(
+        default_factory=lambda: list(DEFAULT_DATASETS),
+        metadata={"help": "ViDoRe sets: Hub names or local folders.", "aliases": ["--datasets"]},
     )
     batch_size: int = field(default=8, metadata={"help": "Inputs per forward pass."})
-    cache_dir: str | None = field(
-        default=None, metadata={"help": "Embedding cache folder; OUTPUT_DIR/embedding_cache when not given."}
-    )
     query_prompt: str | None = field(
         default=None, metadata={"help": "Query prompt with {text}; the checkpoint's query prompt when not given."}
-    )
-    dtype: str | None = field(
-        default=None, metadata={"help": "Weights dtype; bfloat16 on an accelerator and float32 on CPU when not given."}
     )
 
 
@@ -250,15 +247,16 @@ def main(argv: list[str] | None = None) -> dict:
     (args,) = HfArgumentParser(ViDoReArguments).parse_args_into_dataclasses(args=argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     init_processes()
-    model = load_model(args.model, dtype=args.dtype)
+    model = load_model(args.model_name_or_path, dtype=args.dtype)
     results = evaluate_vidore(
         model,
         args.output_dir,
-        datasets=args.datasets,
+        datasets=args.dataset,
         batch_size=args.batch_size,
+        max_length=args.max_length,
         cache_dir=args.cache_dir,
         query_prompt=args.query_prompt,
-        model_name=args.model,
+        model_name=args.model_name_or_path,
     )
     if PartialState().is_main_process:
         print((Path(args.output_dir) / "vidore_results.md").read_text())

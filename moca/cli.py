@@ -1,7 +1,9 @@
 """`python -m moca embed` a folder or a `datasets` dataset into an index file; `python -m moca search` it.
 
-    python -m moca embed --model CHECKPOINT --input FOLDER_OR_DATASET --output index.safetensors
+    python -m moca embed --model_name_or_path CHECKPOINT --dataset FOLDER_OR_DATASET --output index.safetensors
     python -m moca search --index index.safetensors --query "a red circle" --top_k 5
+
+The flags are named as in the training scripts and the evaluations (`--model` and `--input` are aliases).
 
 An index holds the embeddings and, per item, its id, text and image path: a safetensors file (the item
 columns as JSON in its metadata) or a parquet file (one row per item). Embedding runs in chunks saved next to
@@ -20,8 +22,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, safe_open, save_file
 
+from .data import absolute_image_paths, is_saved_dataset, load_source
+from .modeling_moca import DTYPES
+from .processing_moca import IMAGE_EXTENSIONS
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
 TEXT_EXTENSIONS = (".txt", ".md")
 INDEX_FORMATS = (".safetensors", ".parquet")
 
@@ -64,30 +69,6 @@ def folder_items(folder: Path) -> tuple[list[str], list, list[str | None], list[
     return ids, inputs, texts, images
 
 
-def is_saved_dataset(path: Path) -> bool:
-    return path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists())
-
-
-def load_rows(name: str, split: str):
-    """A `datasets` dataset: a folder written by `save_to_disk`, a data file, or a Hub name."""
-    import datasets
-
-    path = Path(name)
-    if is_saved_dataset(path):
-        rows = datasets.load_from_disk(str(path))
-    elif path.is_file():
-        rows = datasets.load_dataset(
-            path.suffix.lstrip(".").replace("jsonl", "json"), data_files=str(path), split=split
-        )
-    else:
-        rows = datasets.load_dataset(name, split=split)
-    if isinstance(rows, datasets.DatasetDict):
-        if split not in rows:
-            raise ValueError(f"{name}: no split {split!r} (splits: {list(rows)}).")
-        rows = rows[split]
-    return rows
-
-
 class DatasetItems:
     """Encode inputs of a dataset's rows, read lazily so that memory stays flat on large datasets."""
 
@@ -111,7 +92,7 @@ class DatasetItems:
 
 
 def dataset_items(name: str, split: str, text_column: str | None, image_column: str | None, id_column: str | None):
-    rows = load_rows(name, split)
+    rows, image_root = load_source(name, split=split)
     columns = rows.column_names
     text_column = text_column or ("text" if "text" in columns else None)
     image_column = image_column or ("image" if "image" in columns else None)
@@ -122,6 +103,8 @@ def dataset_items(name: str, split: str, text_column: str | None, image_column: 
         raise ValueError(
             f"{name}: no 'text' or 'image' column (columns: {columns}); pass --text_column/--image_column."
         )
+    if image_column is not None:
+        rows = absolute_image_paths(rows, [image_column], image_root)
     ids = [str(i) for i in rows[id_column]] if id_column else [str(i) for i in range(len(rows))]
     texts = rows[text_column] if text_column else [None] * len(rows)
     return ids, DatasetItems(rows, text_column, image_column), texts, [None] * len(rows)
@@ -141,6 +124,7 @@ def embed(
     image_column: str | None = None,
     id_column: str | None = None,
     dtype: str | None = None,
+    max_length: int | None = None,
     show_progress_bar: bool = True,
 ) -> Index:
     """Embed every item of a folder or dataset as a document and write the index to `output`."""
@@ -155,11 +139,11 @@ def embed(
         ids, inputs, texts, images = folder_items(Path(input_path))
     else:
         ids, inputs, texts, images = dataset_items(input_path, split, text_column, image_column, id_column)
-    model = MoCaModel.from_pretrained(model_path, dtype=getattr(torch, dtype) if dtype else None).eval()
+    model = MoCaModel.from_pretrained(model_path, dtype=DTYPES[dtype] if dtype else None).eval()
 
     # Chunks of embeddings go to disk as they are done: a rerun with the same model and items resumes.
     partial = output.with_name(output.name + ".partial")
-    fingerprint = hashlib.sha256(json.dumps([str(model_path), ids]).encode()).hexdigest()
+    fingerprint = hashlib.sha256(json.dumps([str(model_path), ids, dtype, max_length]).encode()).hexdigest()
     if partial.exists() and (partial / "fingerprint").read_text() != fingerprint:
         shutil.rmtree(partial)
     partial.mkdir(parents=True, exist_ok=True)
@@ -174,8 +158,9 @@ def embed(
             else:
                 try:
                     embeddings = model.encode_documents(
-                        inputs[start : start + chunk_size], batch_size=batch_size, show_progress_bar=False
-                    )
+                        inputs[start : start + chunk_size], batch_size=batch_size, max_length=max_length,
+                        show_progress_bar=False,
+                    )  # fmt: skip
                 except ValueError as error:  # `encode` counts inputs from the start of the chunk
                     raise ValueError(f"Items {start}.. (first: {ids[start]!r}): {error}") from error
                 save_file({"embeddings": embeddings.contiguous()}, chunk_file)
@@ -288,12 +273,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     commands = parser.add_subparsers(dest="command", required=True)
 
     embed_parser = commands.add_parser("embed", help="Embed a folder or a datasets dataset into an index file.")
-    embed_parser.add_argument("--model", required=True, help="MoCa checkpoint: a folder or a Hub name.")
     embed_parser.add_argument(
-        "--input",
-        required=True,
+        "--model_name_or_path", "--model", dest="model_name_or_path", required=True,
+        help="MoCa checkpoint: a folder or a Hub name.",
+    )  # fmt: skip
+    embed_parser.add_argument(
+        "--dataset", "--input", dest="dataset", required=True,
         help="A folder of images and .txt files, or a dataset (Hub name, save_to_disk folder, data file).",
-    )
+    )  # fmt: skip
     embed_parser.add_argument("--output", required=True, help="Index file: .safetensors or .parquet.")
     embed_parser.add_argument("--batch_size", type=int, default=32)
     embed_parser.add_argument("--split", default="train", help="Dataset split.")
@@ -302,11 +289,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--image_column", default=None, help="Dataset image column (default: 'image' if present)."
     )
     embed_parser.add_argument("--id_column", default=None, help="Dataset id column (default: the row number).")
-    embed_parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    embed_parser.add_argument("--dtype", default=None, choices=list(DTYPES))
+    embed_parser.add_argument("--max_length", type=int, default=None, help="Longest input in tokens (default: no cut).")
 
     search_parser = commands.add_parser("search", help="Print the items of an index closest to a query.")
     search_parser.add_argument("--index", required=True, help="Index file written by `embed`.")
-    search_parser.add_argument("--model", default=None, help="MoCa checkpoint (default: the one that built the index).")
+    search_parser.add_argument(
+        "--model_name_or_path", "--model", dest="model_name_or_path", default=None,
+        help="MoCa checkpoint (default: the one that built the index).",
+    )  # fmt: skip
     search_parser.add_argument("--query", default=None, help="Text query.")
     search_parser.add_argument("--query_image", default=None, help="Image query (a file).")
     search_parser.add_argument("--top_k", type=int, default=5)
@@ -317,8 +308,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.command == "embed":
         index = embed(
-            args.model,
-            args.input,
+            args.model_name_or_path,
+            args.dataset,
             args.output,
             batch_size=args.batch_size,
             split=args.split,
@@ -326,11 +317,13 @@ def main(argv: list[str] | None = None) -> None:
             image_column=args.image_column,
             id_column=args.id_column,
             dtype=args.dtype,
+            max_length=args.max_length,
         )
         print(f"{len(index.ids)} items, {index.embeddings.shape[1]} dimensions -> {args.output}")
     else:
         results = search(
-            args.index, query=args.query, query_image=args.query_image, model_path=args.model, top_k=args.top_k
+            args.index, query=args.query, query_image=args.query_image, model_path=args.model_name_or_path,
+            top_k=args.top_k,
         )
         print_results(args.index, results)
 

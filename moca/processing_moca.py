@@ -1,14 +1,20 @@
 """MoCaProcessor: text, images and interleaved text+image inputs -> inputs of a MoCa model."""
 
+import io
+import os
 import re
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature, ProcessorMixin
 
 
 IMAGE_PLACEHOLDER = "<image>"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# Image modes the Qwen-VL image processors convert themselves (RGBA onto white, as the release's processor did).
+_PROCESSOR_MODES = ("RGB", "RGBA", "L")
 # Accepted image markers: our own placeholder, MMEB's numbered markers, and the backbone's own tokens
 # (with or without the vision start/end tokens around them).
 _PLACEHOLDER_PATTERN = re.compile(
@@ -28,6 +34,73 @@ def format_prompt(prompt: str | None, text: str | None) -> str:
 
 def count_image_placeholders(text: str) -> int:
     return len(_PLACEHOLDER_PATTERN.findall(text))
+
+
+def load_image(image, image_root: str | os.PathLike | None = None) -> Image.Image:
+    """The one image loader of every stage: a fully decoded image from a `PIL.Image`, encoded bytes, a path, or
+    a `{"bytes", "path"}` dict (how `datasets` stores an undecoded image).
+
+    A relative path is read under `image_root` when one is given (data rows next to their images). Decoding
+    happens here, so a truncated or corrupt file fails with a `ValueError` that names it, not later inside
+    the image processor.
+    """
+    if isinstance(image, Image.Image):
+        return image
+    source, shown = _image_source(image, image_root)
+    try:
+        with Image.open(source) as opened:
+            opened.load()
+            return opened.copy() if opened.mode in _PROCESSOR_MODES else opened.convert("RGB")
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as error:
+        raise ValueError(f"cannot read image {shown}: {error}") from error
+
+
+def _image_source(image, image_root=None) -> tuple:
+    """What `Image.open` reads for an encoded image, and how to name it in an error."""
+    if isinstance(image, dict):
+        image = image.get("bytes") or image.get("path")
+    if isinstance(image, (str, os.PathLike)):
+        path = os.fspath(image)
+        if image_root is not None and not os.path.isabs(path):
+            path = os.path.join(image_root, path)
+        return path, path
+    if isinstance(image, (bytes, bytearray)):
+        return io.BytesIO(image), f"<{len(image)} bytes>"
+    raise ValueError(f"unsupported image type {type(image).__name__}: pass a PIL image, bytes or a path")
+
+
+def parse_input(item, index: int = 0) -> tuple[str | None, list]:
+    """One input of `encode` (a str, PIL image, path, or `{"text", "image"}` dict) -> `(text, images)`.
+
+    A string that is the path of an existing image file counts as an image. Images stay as given (decoded
+    one batch at a time, by `MoCaProcessor.batch`).
+    """
+    if isinstance(item, (Image.Image, Path)):
+        return None, [item]
+    if isinstance(item, str):
+        if item.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(item):
+            return None, [item]
+        if not item:
+            raise ValueError(f"Input {index}: empty text.")
+        return item, []
+    if isinstance(item, dict):
+        unknown = set(item) - {"text", "image", "images"}
+        if unknown:
+            raise ValueError(f"Input {index}: unknown keys {sorted(unknown)}; use 'text' and 'image'.")
+        text = item.get("text")
+        images = item.get("image", item.get("images"))
+        if images is None:
+            images = []
+        elif isinstance(images, (Image.Image, str, Path, bytes, bytearray, dict)):  # dict: undecoded `datasets` image
+            images = [images]
+        else:
+            images = list(images)
+        if text is not None and not isinstance(text, str):
+            raise ValueError(f"Input {index}: 'text' must be a string, got {type(text).__name__}.")
+        if not text and not images:
+            raise ValueError(f"Input {index}: empty input (no text and no image).")
+        return text, images
+    raise ValueError(f"Input {index}: unsupported type {type(item).__name__}; pass a str, PIL image, path or dict.")
 
 
 class MoCaProcessor(ProcessorMixin):
@@ -209,6 +282,65 @@ class MoCaProcessor(ProcessorMixin):
             mm_token_type_ids[input_ids == self.video_token_id] = 2
         return {"input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": mm_token_type_ids}
 
+    # ------------------------------------------------------------------ what a person has -> model inputs
+
+    def parse_inputs(self, inputs, prompt: str | None = None, image_prompt: str | None = None) -> list[tuple[str, list]]:
+        """Inputs of `MoCaModel.encode` -> one `(text with the prompt applied, images)` pair each, validated.
+
+        `prompt` is a format string with `{text}` (or a prefix); an input with images and no text gets
+        `image_prompt` instead. Images stay as given: `batch` decodes them, one batch at a time.
+        """
+        if isinstance(inputs, (str, dict, Image.Image, Path)):
+            inputs = [inputs]
+        items = []
+        for i, item in enumerate(inputs):
+            text, images = parse_input(item, i)
+            text = image_prompt if not text and images and image_prompt is not None else format_prompt(prompt, text)
+            n_placeholders = count_image_placeholders(text)
+            if n_placeholders and n_placeholders != len(images):
+                raise ValueError(
+                    f"Input {i}: the text has {n_placeholders} image placeholder(s) but {len(images)} image(s) were given."
+                )
+            items.append((text, images))
+        return items
+
+    def batch(self, items: Sequence[tuple[str, list]], max_length: int | None = None,
+              indices: Sequence[int] | None = None) -> BatchFeature:
+        """Model inputs for a batch of `parse_inputs` items, images decoded here.
+
+        `indices` are the items' positions in the caller's input, used to name a bad one in errors.
+        """
+        indices = indices if indices is not None else range(len(items))
+        batch_images = []
+        for index, (_, images) in zip(indices, items):
+            try:
+                batch_images.append([load_image(image) for image in images])
+            except ValueError as error:
+                raise ValueError(f"Input {index}: {error}") from error
+        return self(
+            text=[text for text, _ in items],
+            images=batch_images if any(batch_images) else None,
+            truncation=max_length is not None,
+            max_length=max_length,
+        )
+
+    def image_cost(self, image) -> float:
+        """Approximate number of visual tokens of an image, read from its header only (no decoding); 0 when it
+        cannot be read (`batch` raises the error that names it)."""
+        try:
+            if isinstance(image, Image.Image):
+                width, height = image.size
+            else:
+                with Image.open(_image_source(image)[0]) as opened:
+                    width, height = opened.size
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
+            return 0.0
+        image_processor = self.image_processor
+        pixel_limit = getattr(image_processor, "max_pixels", None) or image_processor.size.get("longest_edge")
+        pixels = min(width * height, pixel_limit) if pixel_limit else width * height
+        patch = image_processor.patch_size * self.merge_size
+        return pixels / (patch * patch)
+
     def batch_decode(self, *args, **kwargs):
         return self.tokenizer.batch_decode(*args, **kwargs)
 
@@ -222,4 +354,7 @@ class MoCaProcessor(ProcessorMixin):
 
 MoCaProcessor.register_for_auto_class("AutoProcessor")
 
-__all__ = ["MoCaProcessor", "format_prompt", "count_image_placeholders", "IMAGE_PLACEHOLDER"]
+__all__ = [
+    "MoCaProcessor", "format_prompt", "count_image_placeholders", "load_image", "parse_input", "IMAGE_PLACEHOLDER",
+    "IMAGE_EXTENSIONS",
+]  # fmt: skip

@@ -42,7 +42,7 @@ class MoCaSentenceTransformer(InputModule):
     @property
     def modalities(self) -> list:
         # "message" is how sentence-transformers names a batch that mixes modalities; chat-style message
-        # dicts are refused by `MoCaModel.prepare_inputs` with an error naming the input.
+        # dicts are refused by `MoCaProcessor.parse_inputs` with an error naming the input.
         return ["text", "image", ("image", "text"), "message"]
 
     @property
@@ -57,8 +57,8 @@ class MoCaSentenceTransformer(InputModule):
         return self.model.config.hidden_size
 
     def preprocess(self, inputs, prompt: str | None = None, **kwargs) -> dict[str, Any]:
-        items = self.model.prepare_inputs(list(inputs), prompt)
-        return dict(self.model.collate(items, max_length=self.max_seq_length))
+        items = self.processor.parse_inputs(list(inputs), prompt, image_prompt=self.model.config.image_prompt)
+        return dict(self.processor.batch(items, max_length=self.max_seq_length))
 
     def forward(self, features: dict[str, Any], **kwargs) -> dict[str, Any]:
         output = self.model(**{name: features[name] for name in MODEL_INPUT_NAMES if name in features})

@@ -25,7 +25,7 @@ _WORDS = (
     "one two three four five six big small large tiny background foreground model embedding vector search "
     "retrieval multimodal language vision token attention mask masked patch contrastive training data report "
     "title section chart table figure number year company revenue energy health science lecture economics "
-    # the nano world's words (moca.nano_data), so that its texts are not spelled out byte by byte
+    # the nano world's words (examples/nano/nano_data.py), so that its texts are not spelled out byte by byte
     "diamond cross ring hexagon cyan river market garden harbour forest school bridge castle station library "
     "paper lamp north quiet window winter summer letter music stone cloud bread little early silver coffee pencil "
     "travel simple yard ladder farmer basket candle carpet kettle pepper rabbit violin wallet bottle seen near count "

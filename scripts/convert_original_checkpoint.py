@@ -6,7 +6,7 @@ are a plain Qwen2.5-VL backbone, so the conversion loads them as one (transforme
 names), checks that every backbone weight was found, and saves a MoCa checkpoint with remote code and
 processor. The released models embed with bidirectional attention and mean pooling, the defaults here.
 
-    python scripts/convert_original_checkpoint.py --input DIR_OR_HUB_NAME --output DIR
+    python scripts/convert_original_checkpoint.py --model_name_or_path DIR_OR_HUB_NAME --output_dir DIR
 """
 
 import argparse
@@ -33,12 +33,17 @@ def convert(input_path: str, output_dir: str, dtype: str = "auto") -> MoCaModel:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", required=True, help="folder or Hub name of an original MoCa checkpoint")
-    parser.add_argument("--output", required=True, help="folder to write the MoCa checkpoint to")
+    parser.add_argument(
+        "--model_name_or_path", "--input", dest="model_name_or_path", required=True,
+        help="folder or Hub name of an original MoCa checkpoint",
+    )  # fmt: skip
+    parser.add_argument(
+        "--output_dir", "--output", dest="output_dir", required=True, help="folder to write the MoCa checkpoint to"
+    )
     parser.add_argument("--dtype", default="auto", help="auto (keep the stored dtype), float32 or bfloat16")
     args = parser.parse_args()
-    convert(args.input, args.output, args.dtype)
-    print(f"wrote a MoCa checkpoint to {args.output}")
+    convert(args.model_name_or_path, args.output_dir, args.dtype)
+    print(f"wrote a MoCa checkpoint to {args.output_dir}")
 
 
 if __name__ == "__main__":

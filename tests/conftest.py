@@ -9,6 +9,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # Everything the tests read lies in the repository (tests/fixtures/: data made by the original release's code).
 FIXTURES = REPO_ROOT / "tests" / "fixtures"
 sys.path.insert(0, str(REPO_ROOT))
+# The nano world and its pipeline are an example (examples/nano/), not part of the package.
+sys.path.insert(0, str(REPO_ROOT / "examples" / "nano"))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

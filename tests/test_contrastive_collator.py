@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from moca import MoCaProcessor
-from moca.contrastive import ContrastiveCollator, MultiTaskDataset, TaskSpec, drop_rows_without_positive
+from moca.training.contrastive import ContrastiveCollator, MultiTaskDataset, TaskSpec, drop_rows_without_positive
 
 
 def png(colour):

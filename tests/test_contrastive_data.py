@@ -6,8 +6,8 @@ import logging
 import pytest
 from PIL import Image
 
-from moca.contrastive import ContrastiveCollator, MultiTaskDataset
-from train_contrastive import load_tasks
+from moca.training.contrastive import ContrastiveCollator, MultiTaskDataset
+from moca.training.contrastive import load_tasks
 
 
 class RecordingProcessor:
@@ -49,7 +49,8 @@ def test_jsonl_task_with_relative_image_paths_and_bad_rows(jsonl_task, tmp_path,
     with caplog.at_level(logging.WARNING):
         batch = collator([dataset[0], dataset[1]])
     assert batch["num_queries"] == 1 and collator.skipped_rows == {"rows": 1}
-    assert "skipped row 1 of task 'rows': unreadable pos_image (FileNotFoundError" in caplog.text
+    assert "skipped row 1 of task 'rows': unreadable pos_image (ValueError: cannot read image" in caplog.text
+    assert "missing.png: [Errno 2] No such file or directory" in caplog.text
     (texts, images) = processor.calls[0]
     assert texts == ["Find: a red picture", "<image>Look."]
     assert images[0] == [] and images[1][0].size == (28, 28)  # the path was read relative to the data file

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-from moca.contrastive import contrastive_loss, grad_cache_step
+from moca.training.contrastive import contrastive_loss, grad_cache_loss
 
 
 class TinyEncoder(nn.Module):
@@ -75,12 +75,13 @@ def worker(rank, world_size, out_dir):
             reductions.clear()
             if method == "grad_cache":
                 num_queries = len(local_queries)
-                loss = grad_cache_step(
+                loss = grad_cache_loss(
                     lambda c: model(**c),
                     [{"input_ids": rows} for rows in torch.cat([local_queries, local_documents]).split(4)],
                     lambda e, n=num_queries: loss_fn(e[:n], e[n:]),
                     no_sync=model.no_sync,
                 )
+                loss.backward()
             else:
                 loss = loss_fn(model(local_queries), model(local_documents))
                 loss.backward()

@@ -3,7 +3,7 @@ import contextlib
 import torch
 from torch import nn
 
-from moca.contrastive import contrastive_loss, grad_cache_step
+from moca.training.contrastive import contrastive_loss, grad_cache_loss
 
 
 class TinyEncoder(nn.Module):
@@ -56,7 +56,9 @@ def test_grad_cache_equals_full_batch_loss_and_gradients():
     model.zero_grad()
 
     chunks = chunked(queries, 3) + chunked(documents, 4)
-    loss = grad_cache_step(lambda chunk: model(**chunk), chunks, lambda e: loss_fn(e[:10], e[10:]))
+    loss = grad_cache_loss(lambda chunk: model(**chunk), chunks, lambda e: loss_fn(e[:10], e[10:]))
+    assert all(p.grad is None for p in model.parameters())  # the parameter gradients come in the caller's backward
+    loss.backward()
     torch.testing.assert_close(loss, reference.detach(), atol=ATOL, rtol=RTOL)
     for name, grad in grads(model).items():
         torch.testing.assert_close(grad, expected[name], atol=ATOL, rtol=RTOL, msg=name)
@@ -87,10 +89,32 @@ def test_grad_cache_replays_dropout_and_syncs_only_on_the_last_chunk():
         yield
 
     torch.manual_seed(3)
-    loss = grad_cache_step(
+    loss = grad_cache_loss(
         lambda chunk: model(**chunk), query_chunks + document_chunks, lambda e: loss_fn(e[:6], e[6:]), no_sync=no_sync
     )
+    loss.backward()
     torch.testing.assert_close(loss, reference.detach(), atol=ATOL, rtol=RTOL)
     for name, grad in grads(model).items():
         torch.testing.assert_close(grad, expected[name], atol=ATOL, rtol=RTOL, msg=name)
     assert len(unsynced) == len(query_chunks) + len(document_chunks) - 1
+
+
+def test_grad_cache_scales_with_the_gradient_the_caller_backpropagates():
+    """The Trainer back-propagates `loss / gradient_accumulation_steps` (and a mixed-precision loss scale): the
+    parameter gradients must carry that factor, as they do for the plain loss."""
+    torch.manual_seed(0)
+    model = TinyEncoder()
+    generator = torch.Generator().manual_seed(4)
+    queries, documents = make_batch(4, generator), make_batch(8, generator)
+
+    def loss_fn(q, d):
+        return contrastive_loss(q, d, temperature=0.05)
+
+    (loss_fn(model(**queries), model(**documents)) / 4).backward()
+    expected = grads(model)
+    model.zero_grad()
+    loss = grad_cache_loss(lambda chunk: model(**chunk), chunked(queries, 3) + chunked(documents, 3),
+                           lambda e: loss_fn(e[:4], e[4:]))  # fmt: skip
+    (loss / 4).backward()
+    for name, grad in grads(model).items():
+        torch.testing.assert_close(grad, expected[name], atol=ATOL, rtol=RTOL, msg=name)

@@ -3,7 +3,7 @@ from itertools import chain
 
 import pytest
 
-from moca.contrastive import TaskBatchSampler
+from moca.training.contrastive import TaskBatchSampler
 
 TASK_SIZES = [40, 24, 12]
 OFFSETS = [0, 40, 64]
@@ -70,7 +70,7 @@ def test_accelerate_keeps_each_process_slice_and_forwards_set_epoch():
     from accelerate.data_loader import prepare_data_loader, skip_first_batches
     from torch.utils.data import DataLoader
 
-    from train_contrastive import keep_rank_slices
+    from moca.training.contrastive import keep_rank_slices
 
     sampler = TaskBatchSampler(TASK_SIZES, 8, num_replicas=2, rank=1, seed=3)
     dataloader = DataLoader(list(range(sum(TASK_SIZES))), batch_sampler=sampler, collate_fn=list)

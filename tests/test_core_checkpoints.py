@@ -65,7 +65,7 @@ save_file({{"embeddings": out, "encoded": model.encode({texts[1:]!r})}}, {str(tm
 def converted(official_fixture, tmp_path_factory):
     out = tmp_path_factory.mktemp("converted")
     subprocess.run(
-        [sys.executable, str(REPO_ROOT / "scripts" / "convert_original_checkpoint.py"), "--input", str(official_fixture), "--output", str(out)],
+        [sys.executable, str(REPO_ROOT / "scripts" / "convert_original_checkpoint.py"), "--model_name_or_path", str(official_fixture), "--output_dir", str(out)],
         check=True, capture_output=True, timeout=300,
     )
     return out
@@ -129,3 +129,36 @@ def test_converter_rejects_other_models(tmp_path):
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode != 0 and "model_type 'llama'" in result.stderr
+
+
+def test_missing_processor_warns_and_broken_processor_raises(tiny_moca, tmp_path, caplog):
+    import logging
+
+    model, _ = tiny_moca
+    model.save_pretrained(tmp_path / "full")
+    weights_only = tmp_path / "weights-only"
+    weights_only.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (weights_only / name).write_bytes((tmp_path / "full" / name).read_bytes())
+    with caplog.at_level(logging.WARNING):
+        reloaded = MoCaModel.from_pretrained(weights_only)
+    assert reloaded.processor is None
+    assert "has no processor (no image processor (processor_config.json or preprocessor_config.json), tokenizer" in caplog.text
+    with pytest.raises(ValueError, match="No processor"):
+        reloaded.encode(["a text"])
+    torch.testing.assert_close(reloaded.encode(["a text"], processor=model.processor), model.encode(["a text"]))
+
+    (tmp_path / "full" / "tokenizer_config.json").write_text("{ not json")
+    with pytest.raises(Exception, match="(?i)json|expecting|decode"):
+        MoCaModel.from_pretrained(tmp_path / "full")
+
+
+def test_encode_restores_train_mode_when_an_input_is_bad(tiny_moca):
+    model, _ = tiny_moca
+    model.train()
+    try:
+        with pytest.raises(ValueError, match=r"Input 1: cannot read image <3 bytes>"):
+            model.encode(["a text", {"image": b"abc"}], batch_size=1)
+        assert model.training
+    finally:
+        model.eval()

@@ -8,7 +8,7 @@ import pytest
 
 from cpt_rows import make_rows, write_jsonl
 from moca import MoCaProcessor
-from moca.cpt import BudgetBatchSampler, load_cpt_dataset, padding_fraction, prepare_cpt_dataset
+from moca.training.cpt import BudgetBatchSampler, load_cpt_dataset, padding_fraction, prepare_cpt_dataset
 
 
 @pytest.fixture(scope="module")

@@ -1,50 +1,108 @@
-"""The chunked masked-position MLM loss equals the naive full-vocabulary loss, value and gradients."""
+"""The CPT losses against independent hand computations: the chunked masked-position MLM loss (value and
+gradients) and the MAE patch loss (closed-form values)."""
+
+import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from moca.modeling_moca import masked_lm_loss, masked_patch_loss
+from moca.training.cpt import masked_lm_loss, masked_patch_loss
 
 
-def naive_mlm_loss(hidden_states, labels, head_weight):
+def reference_mlm_loss(hidden_states, labels, head_weight):
+    """Cross-entropy written out: full logits `hidden @ W.T`, log-softmax by hand (max-shifted log-sum-exp),
+    the log-probability of each label, mean over the positions whose label is not -100."""
     logits = hidden_states @ head_weight.T  # (batch, length, vocab): what the chunked loss avoids
-    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    shifted = logits - logits.max(dim=-1, keepdim=True).values.detach()
+    log_probs = shifted - shifted.exp().sum(dim=-1, keepdim=True).log()
+    keep = labels.ne(-100)
+    picked = log_probs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return -(picked * keep).sum() / keep.sum()
 
 
-@pytest.mark.parametrize("chunk_size", [1, 7, 1024])
-def test_chunked_loss_and_gradients_equal_naive(chunk_size):
+def _mlm_inputs():
     generator = torch.Generator().manual_seed(0)
-    hidden = torch.randn(3, 17, 32, generator=generator, dtype=torch.float64).float()
+    hidden = torch.randn(3, 17, 32, generator=generator)
     weight = torch.randn(1000, 32, generator=generator) * 0.2
     labels = torch.randint(0, 1000, (3, 17), generator=generator)
     labels[torch.rand(3, 17, generator=generator) > 0.4] = -100
-    assert 5 < int(labels.ne(-100).sum()) < 40
+    return hidden, weight, labels
 
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 1024])  # one row, a size not dividing N, more than N rows
+def test_chunked_loss_and_gradients_equal_the_reference(chunk_size):
+    hidden, weight, labels = _mlm_inputs()
+    num_masked = int(labels.ne(-100).sum())
+    assert 5 < num_masked < 40 and num_masked % 3 != 0 and chunk_size != num_masked
+
+    # The implementation in float32 (what it computes in); the reference in float64 on the same values.
     hidden_a, weight_a = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    hidden_b, weight_b = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    hidden_b, weight_b = hidden.double().requires_grad_(), weight.double().requires_grad_()
     chunked = masked_lm_loss(hidden_a, labels, weight_a, chunk_size=chunk_size)
-    naive = naive_mlm_loss(hidden_b, labels, weight_b)
+    reference = reference_mlm_loss(hidden_b, labels, weight_b)
     chunked.backward()
-    naive.backward()
+    reference.backward()
 
-    # fp32 throughout; the sums run in a different order, hence a tolerance of a few ulps.
-    torch.testing.assert_close(chunked, naive, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(hidden_a.grad, hidden_b.grad, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(weight_a.grad, weight_b.grad, rtol=1e-5, atol=1e-7)
+    # float32 against float64: absolute tolerance 1e-5 on the loss (about 7) and on every gradient entry.
+    assert chunked.dtype == torch.float32
+    assert abs(chunked.item() - reference.item()) < 1e-5
+    torch.testing.assert_close(hidden_a.grad.double(), hidden_b.grad, rtol=0, atol=1e-5)
+    torch.testing.assert_close(weight_a.grad.double(), weight_b.grad, rtol=0, atol=1e-5)
+    # The gradients are not trivially small, so the tolerance is meaningful.
+    assert hidden_b.grad.abs().max() > 1e-2 and weight_b.grad.abs().max() > 1e-3
     # Unmasked positions get no gradient.
     assert hidden_a.grad[labels.eq(-100)].abs().max() == 0
+
+
+def test_uniform_logits_give_log_vocab():
+    # A zero head makes every logit 0: the cross-entropy is log(vocab) exactly, whatever the labels.
+    hidden = torch.randn(2, 9, 16)
+    labels = torch.tensor([[5, -100, 0, 49, -100, 7, 7, -100, 1]] * 2)
+    for chunk_size in (1, 3, 100):
+        loss = masked_lm_loss(hidden, labels, torch.zeros(50, 16), chunk_size=chunk_size)
+        assert loss.item() == pytest.approx(math.log(50), abs=1e-6)
 
 
 def test_nothing_masked_gives_zero_loss_with_a_graph():
     hidden = torch.randn(2, 5, 8, requires_grad=True)
     weight = torch.randn(50, 8, requires_grad=True)
     loss = masked_lm_loss(hidden, torch.full((2, 5), -100), weight)
-    loss.backward()
-    assert loss.item() == 0 and hidden.grad.abs().max() == 0
+    assert loss.requires_grad and loss.grad_fn is not None
+    (loss + (hidden**2).sum() * 0).backward()  # backpropagates without error
+    assert loss.item() == 0
+    assert hidden.grad is not None and hidden.grad.abs().max() == 0
 
 
-def test_patch_loss_is_mean_squared_error():
-    predictions, targets = torch.randn(6, 4 * 1176), torch.randn(6, 4 * 1176)
-    expected = ((predictions - targets) ** 2).mean()
-    torch.testing.assert_close(masked_patch_loss(predictions, targets), expected)
+def _hand_mse(predictions, targets):
+    """Sum of squared differences over every value of every patch, divided by the count of values."""
+    values = [(p - t) ** 2 for p_row, t_row in zip(predictions.tolist(), targets.tolist()) for p, t in zip(p_row, t_row)]
+    return sum(values) / len(values)
+
+
+@pytest.mark.parametrize("offset", [0.5, -2.0, 3.0])
+def test_patch_loss_of_a_constant_offset_is_its_square(offset):
+    targets = torch.randn(6, 4 * 1176)
+    loss = masked_patch_loss(targets + offset, targets)
+    # float32 rounding of `targets + offset` limits agreement to about 1e-6 relative.
+    assert loss.item() == pytest.approx(offset**2, rel=1e-5)
+
+
+def test_patch_loss_equals_hand_computed_mean_of_squared_differences():
+    generator = torch.Generator().manual_seed(0)
+    predictions, targets = torch.randn(5, 48, generator=generator), torch.randn(5, 48, generator=generator)
+    assert masked_patch_loss(predictions, targets).item() == pytest.approx(_hand_mse(predictions, targets), rel=1e-6)
+    # Patches with errors 1 and 3 everywhere: the mean over patches is (1 + 9) / 2 = 5, not a sum (10 or 10 * 48).
+    targets = torch.zeros(2, 48)
+    predictions = torch.stack([torch.full((48,), 1.0), torch.full((48,), -3.0)])
+    assert masked_patch_loss(predictions, targets).item() == pytest.approx(5.0, abs=1e-6)
+
+
+def test_patch_loss_is_a_mean_over_patches():
+    generator = torch.Generator().manual_seed(1)
+    predictions, targets = torch.randn(3, 4 * 1176, generator=generator), torch.randn(3, 4 * 1176, generator=generator)
+    once = masked_patch_loss(predictions, targets)
+    twice = masked_patch_loss(torch.cat([predictions, predictions]), torch.cat([targets, targets]))
+    assert twice.item() == pytest.approx(once.item(), rel=1e-6)
+    assert masked_patch_loss(targets.clone(), targets).item() == 0.0
+    # bf16 inputs are compared in float32.
+    assert masked_patch_loss(predictions.bfloat16(), targets.bfloat16()).dtype == torch.float32

@@ -7,7 +7,7 @@ from PIL import Image
 
 from cpt_rows import make_rows
 from moca import MoCaProcessor
-from moca.cpt import CPTCollator, load_image, mask_image_patches, mask_text_tokens, never_masked_token_ids
+from moca.training.cpt import CPTCollator, load_image, mask_image_patches, mask_text_tokens, never_masked_token_ids
 
 
 @pytest.fixture(scope="module")

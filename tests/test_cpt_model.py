@@ -6,8 +6,8 @@ from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForImageTextToText
 
 from cpt_rows import make_rows
-from moca import MoCaForContinualPretraining
-from moca.cpt import CPTCollator
+from moca.training.cpt import MoCaForContinualPretraining
+from moca.training.cpt import CPTCollator
 from moca.testing import make_tiny_tokenizer, tiny_image_processor, tiny_vlm_config
 
 

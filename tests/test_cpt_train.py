@@ -80,3 +80,10 @@ def test_resume_continues_at_the_right_step_and_matches(full_run, tiny_vlm_dir, 
         expected, actual = load_file(output_dir / name), load_file(tmp_path / name)
         for key, tensor in expected.items():
             torch.testing.assert_close(actual[key], tensor, rtol=1e-5, atol=1e-6, msg=f"{name}:{key}")
+
+
+def test_a_batch_size_flag_is_refused_not_ignored(tiny_vlm_dir, data, tmp_path):
+    """CPT batches are built by compute: a row count would be silently ignored, so it is an error."""
+    for flag in (["--per_device_train_batch_size", "4"], ["--per_device_train_batch_size=4"]):
+        with pytest.raises(ValueError, match="set --token_budget, not --per_device_train_batch_size"):
+            train_cpt.main(arguments(tiny_vlm_dir, data, tmp_path, *flag))

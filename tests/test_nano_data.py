@@ -11,7 +11,7 @@ import pytest
 from datasets import Dataset, Image, load_from_disk
 from PIL import Image as PILImage
 
-from moca.nano_data import COLOURS, HELD_OUT_COMBOS, NUM_HARD_NEGATIVES, PLURALS, make_nano_data
+from nano_data import COLOURS, HELD_OUT_COMBOS, NUM_HARD_NEGATIVES, PLURALS, make_nano_data
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCALE = 0.05
@@ -71,7 +71,7 @@ def test_same_seed_writes_identical_files_in_another_process(world, tmp_path):
     subprocess.run(
         [
             sys.executable,
-            str(REPO_ROOT / "scripts" / "make_nano_data.py"),
+            str(REPO_ROOT / "examples" / "nano" / "make_data.py"),
             str(out),
             "--seed",
             "0",

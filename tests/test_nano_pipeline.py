@@ -11,16 +11,15 @@ import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT / "scripts"))
 
-import run_nano_ablations
-from run_nano_ablations import VARIANTS, ablation_table, paired_difference_table, run_variant, summary_scores
-from run_nano_pipeline import QUICK
+import run_ablations
+from run_ablations import VARIANTS, ablation_table, paired_difference_table, run_variant, summary_scores
+from run_pipeline import QUICK
 
 
 def test_quick_pipeline_writes_report_results_and_searches(tmp_path):
     out = tmp_path / "nano"
-    result = subprocess.run([sys.executable, "scripts/run_nano_pipeline.py", "--output_dir", str(out), "--quick"],
+    result = subprocess.run([sys.executable, "examples/nano/run_pipeline.py", "--output_dir", str(out), "--quick"],
                             check=False, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = (out / "report.md").read_text()
@@ -92,7 +91,7 @@ def test_paired_differences_cancel_what_seeds_share():
 def test_ablation_variants_start_from_the_right_checkpoints(tmp_path, monkeypatch):
     """Which stages each variant runs and from where, with the stages replaced by recorders."""
     calls = []
-    monkeypatch.setattr(run_nano_ablations, "make_base_vlm", lambda out, settings, seed: out / "base-vlm")
+    monkeypatch.setattr(run_ablations, "make_base_vlm", lambda out, settings, seed: out / "base-vlm")
 
     def fake_cpt(start, out, settings, seed, data):
         calls.append(("cpt", start.name, out.name, settings.text_mask_ratio, settings.mae_loss_weight))
@@ -103,9 +102,9 @@ def test_ablation_variants_start_from_the_right_checkpoints(tmp_path, monkeypatc
                       settings.task_aware_batching))  # fmt: skip
         return out / "final"
 
-    monkeypatch.setattr(run_nano_ablations, "train_cpt", fake_cpt)
-    monkeypatch.setattr(run_nano_ablations, "train_contrastive", fake_contrastive)
-    monkeypatch.setattr(run_nano_ablations, "evaluate", lambda model, out, data, settings: {"model": str(model)})
+    monkeypatch.setattr(run_ablations, "train_cpt", fake_cpt)
+    monkeypatch.setattr(run_ablations, "train_contrastive", fake_contrastive)
+    monkeypatch.setattr(run_ablations, "evaluate", lambda model, out, data, settings: {"model": str(model)})
     for name, changes in VARIANTS.items():
         run_variant(tmp_path, 0, name, replace(QUICK, **changes))
     assert calls == [
@@ -121,7 +120,7 @@ def test_ablation_variants_start_from_the_right_checkpoints(tmp_path, monkeypatc
 @pytest.mark.parametrize("bidirectional, pooling, expected_pooling", [(False, None, "last"), (True, None, "mean"),
                                                                         (True, "last", "last")])  # fmt: skip
 def test_contrastive_script_keeps_a_causal_backbone_causal(tiny_vlm_dir, bidirectional, pooling, expected_pooling):
-    from train_contrastive import ContrastiveArguments, load_model
+    from moca.training.contrastive import ContrastiveArguments, load_contrastive_model as load_model
 
     args = ContrastiveArguments(model_name_or_path=tiny_vlm_dir, dataset=["unused"], bidirectional=bidirectional,
                                 pooling=pooling)  # fmt: skip

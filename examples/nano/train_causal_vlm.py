@@ -5,7 +5,7 @@ not, so this step trains it with the ordinary next-token loss on captions, docum
 (`{"text": ..., "images": [...]}` rows, "<image>" placeholders) and saves it in the backbone's standard
 format, ready for `MoCaModel.from_backbone`.
 
-    python scripts/train_causal_vlm.py --model_name_or_path tiny-vlm --dataset nano/cpt --output_dir vlm --max_steps 200
+    python examples/nano/train_causal_vlm.py --model_name_or_path tiny-vlm --dataset nano/cpt --output_dir vlm --max_steps 200
 """
 
 from dataclasses import dataclass, field

@@ -1,14 +1,14 @@
 """Write the nano synthetic multimodal world: CPT rows, contrastive tasks, and MMEB- and ViDoRe-style evaluation
-sets (see `moca.nano_data` for the layouts). The same seed and scale write byte-identical files.
+sets (see `nano_data.py` for the layouts). The same seed and scale write byte-identical files.
 
-    python scripts/make_nano_data.py OUT_DIR --seed 0 --scale 1.0
+    python examples/nano/make_data.py OUT_DIR --seed 0 --scale 1.0
 """
 
 import argparse
 import json
 from pathlib import Path
 
-from moca.nano_data import make_nano_data
+from nano_data import make_nano_data
 
 
 def main():

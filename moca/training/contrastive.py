@@ -1,30 +1,39 @@
-"""Pieces of stage 2 (heterogeneous contrastive fine-tuning), each usable and tested on its own.
+"""Stage 2, heterogeneous contrastive fine-tuning: pieces each usable and tested on their own, and the Trainer.
 
 - `contrastive_loss`: InfoNCE on cosine similarity, in-batch and hard negatives, gathered across processes.
-- `grad_cache_step`: the two-pass GradCache computation (arXiv 2101.06983), exact in loss and gradients.
+- `grad_cache_loss`: GradCache (arXiv 2101.06983) inside the loss, exact in loss and gradients; the Trainer's
+  own `training_step` and backward stay stock.
 - `TaskBatchSampler`: every global batch from one task; tasks visited in proportion to size or weight.
-- `MultiTaskDataset`, `drop_rows_without_positive`, `ContrastiveCollator`: rows of several tasks -> model inputs.
+- `load_tasks`, `MultiTaskDataset`, `drop_rows_without_positive`, `ContrastiveCollator`: rows of several tasks ->
+  model inputs.
+- `ContrastiveArguments`, `load_contrastive_model`, `ContrastiveTrainer`: what `train_contrastive.py` puts together.
 """
 
 from __future__ import annotations
 
 import bisect
 import contextlib
+import dataclasses
+import json
 import logging
 import math
 import random
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import datasets
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image
+from torch.utils.data import DataLoader
+from transformers import TrainingArguments
 
-from .cpt import load_image
-from .processing_moca import format_prompt
+from ..data import absolute_image_paths, load_image, load_source
+from ..modeling_moca import MoCaModel
+from ..processing_moca import format_prompt
+from .common import ModelDataArguments, MoCaTrainer, hub_id, is_moca_checkpoint, torch_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -138,23 +147,25 @@ def _tensors(chunk: dict) -> list[torch.Tensor]:
     return [value for value in chunk.values() if isinstance(value, torch.Tensor)]
 
 
-def grad_cache_step(
+def grad_cache_loss(
     encode: Callable[[dict], torch.Tensor],
     chunks: Sequence[dict],
     loss_fn: Callable[[torch.Tensor], torch.Tensor],
-    backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
     no_sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> torch.Tensor:
-    """Loss and parameter gradients of `loss_fn(cat([encode(chunk) for chunk in chunks]))`, one chunk in memory
-    at a time.
+    """`loss_fn(cat([encode(chunk) for chunk in chunks]))` whose backward fills the parameter gradients one chunk in
+    memory at a time.
 
-    Pass 1 encodes every chunk without a graph and back-propagates the loss to the embeddings only. Pass 2 re-encodes
-    each chunk with a graph (replaying its random state, so dropout masks match) and back-propagates the cached
-    embedding gradients into the parameters. Memory is bounded by one chunk's activations plus the embeddings; the
-    loss and gradients equal those of the full-batch computation up to floating-point summation order.
+    Pass 1 (here) encodes every chunk without a graph and back-propagates the loss to the embeddings only. The
+    returned loss is a leaf with a backward hook: whatever `backward` the caller runs (the Trainer's, through
+    accelerate, with its gradient-accumulation and loss scaling), pass 2 runs inside it, re-encoding each chunk
+    with a graph (replaying its random state, so dropout masks match) and back-propagating the cached embedding
+    gradients, times the incoming gradient, into the parameters. Memory is bounded by one chunk's activations plus
+    the embeddings; loss and gradients equal those of the full-batch computation up to summation order.
 
-    `backward` runs the parameter backward (e.g. `accelerator.backward`); `no_sync` is entered around every chunk's
-    second forward and backward except the last, so that a data-parallel wrapper reduces gradients once per step.
+    `no_sync` is entered around every chunk's second forward and backward except the last, so that a data-parallel
+    wrapper reduces gradients once per step (DDP decides at forward time whether the backward reduces). This is
+    the scheme of sentence-transformers' CachedMultipleNegativesRankingLoss; it uses public APIs only.
     """
     embeddings, random_states = [], []
     with torch.no_grad():
@@ -163,17 +174,23 @@ def grad_cache_step(
             embeddings.append(encode(chunk))
 
     cached = [embedding.detach().requires_grad_() for embedding in embeddings]
-    loss = loss_fn(torch.cat(cached))
-    loss.backward()
+    with torch.enable_grad():
+        loss = loss_fn(torch.cat(cached))
+        loss.backward()
+    embedding_grads = [embedding.grad for embedding in cached]
 
-    for index, (chunk, embedding_cache, random_state) in enumerate(zip(chunks, cached, random_states)):
-        # DDP decides at forward time whether the backward reduces: the forward belongs inside `no_sync` too.
-        with contextlib.nullcontext() if index == len(chunks) - 1 else no_sync():
-            with random_state.restored():
-                embedding = encode(chunk)
-            surrogate = torch.dot(embedding.flatten(), embedding_cache.grad.flatten().to(embedding.dtype))
-            backward(surrogate)
-    return loss.detach()
+    def replay_chunks(grad_output: torch.Tensor) -> None:
+        with torch.enable_grad():
+            for index, (chunk, embedding_grad, random_state) in enumerate(zip(chunks, embedding_grads, random_states)):
+                with contextlib.nullcontext() if index == len(chunks) - 1 else no_sync():
+                    with random_state.restored():
+                        embedding = encode(chunk)
+                    gradient = (embedding_grad * grad_output).to(embedding.dtype)
+                    torch.dot(embedding.flatten(), gradient.flatten()).backward()
+
+    result = loss.detach().requires_grad_()
+    result.register_hook(replay_chunks)
+    return result
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -295,7 +312,6 @@ class TaskSpec:
     query_prompt: str | None = None
     document_prompt: str | None = None
     weight: float | None = None
-    image_root: str | None = None
 
 
 class MultiTaskDataset(torch.utils.data.Dataset):
@@ -389,8 +405,8 @@ class ContrastiveCollator:
         self.chunk_size = chunk_size
         self.skipped_rows = Counter()
 
-    def _side(self, row: dict, text_field: str, image_field: str, prompt: str | None, image_root: str | None):
-        text, images = row.get(text_field), [load_image(v, image_root) for v in _as_list(row.get(image_field))]
+    def _side(self, row: dict, text_field: str, image_field: str, prompt: str | None):
+        text, images = row.get(text_field), [load_image(v) for v in _as_list(row.get(image_field))]
         return format_prompt(prompt, text), images
 
     def _negatives(self, row: dict) -> list[tuple[str | None, object]]:
@@ -427,18 +443,18 @@ class ContrastiveCollator:
             task = self.tasks[row["task"]]
             field = "query_image"
             try:
-                query = self._side(row, "query_text", "query_image", task.query_prompt, task.image_root)
+                query = self._side(row, "query_text", "query_image", task.query_prompt)
                 field = "pos_image"
-                positive = self._side(row, "pos_text", "pos_image", task.document_prompt, task.image_root)
+                positive = self._side(row, "pos_text", "pos_image", task.document_prompt)
                 field = "neg_image"
                 row_negatives = [
                     (
                         format_prompt(task.document_prompt, text),
-                        [load_image(v, task.image_root) for v in _as_list(image)],
+                        [load_image(v) for v in _as_list(image)],
                     )
                     for text, image in self._negatives(row)
                 ]
-            except (OSError, ValueError, TypeError, Image.DecompressionBombError) as error:
+            except (OSError, ValueError) as error:
                 self.skipped_rows[task.name] += 1
                 logger.warning(
                     f"skipped row {row['row']} of task {task.name!r}: unreadable {field} ({type(error).__name__}: "
@@ -452,3 +468,225 @@ class ContrastiveCollator:
             names = sorted({self.tasks[row["task"]].name for row in rows})
             raise ValueError(f"every row of a batch of {len(rows)} rows from {names} is unusable (see warnings)")
         return {"chunks": self._encode(queries + positives + negatives), "num_queries": len(queries)}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Arguments, tasks, model and the Trainer
+
+TASKS_FILE = "tasks.json"
+IMAGE_FIELDS = ("query_image", "pos_image", "neg_image")
+# The language model's attention and MLP projections; the vision tower keeps its weights.
+DEFAULT_LORA_TARGET_MODULES = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+@dataclass
+class ContrastiveArguments(ModelDataArguments):
+    dataset: list[str] = field(
+        metadata={
+            "help": "One or more tasks: Hub names, save_to_disk folders, parquet/jsonl files or folders of them; "
+            "a folder with tasks.json stands for all its tasks."
+        }
+    )
+    dataset_config: str | None = field(
+        default=None,
+        metadata={
+            "help": "JSON file {task: {query_prompt, document_prompt, weight}} (default: the tasks.json of a "
+            "--dataset folder)."
+        },
+    )
+    max_length: int = field(default=1024, metadata={"help": "Longest input in tokens; longer text is cut."})
+    temperature: float = field(default=0.03, metadata={"help": "InfoNCE temperature (paper: 0.03)."})
+    num_hard_negatives: int = field(default=2, metadata={"help": "Hard negatives per query (paper: 2)."})
+    task_aware_batching: bool = field(
+        default=True, metadata={"help": "Draw every global batch from one task (--no_task_aware_batching: mix)."}
+    )
+    grad_cache_chunk_size: int | None = field(
+        default=None,
+        metadata={"help": "GradCache: encode at most this many inputs at once; memory no longer limits the batch."},
+    )
+    matryoshka_dims: list[int] | None = field(
+        default=None, metadata={"help": "Also train truncated embeddings of these sizes (Matryoshka loss)."}
+    )
+    lora_r: int | None = field(default=None, metadata={"help": "LoRA rank; full fine-tuning when unset."})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch."})
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "Module names, or one regular expression (default: the language model's projections)."},
+    )
+    merge_lora: bool = field(default=False, metadata={"help": "Save the final model with LoRA merged into it."})
+    bidirectional: bool = field(
+        default=True,
+        metadata={"help": "Starting from a causal VLM: make it bidirectional (--no_bidirectional: keep it causal)."},
+    )
+    pooling: str | None = field(
+        default=None,
+        metadata={"help": "Starting from a causal VLM: mean or last (default: mean when bidirectional, else last)."},
+    )
+
+
+@dataclass
+class ContrastiveTrainingArguments(TrainingArguments):
+    # Where the paper (1e-5) and the released scripts (2e-5) differ, this project follows the paper, as train_cpt.py
+    # does: it is the setting the published results are described with. A tiny model needs a far larger rate.
+    learning_rate: float = field(default=1e-5, metadata={"help": "Peak learning rate (paper: 1e-5)."})
+    warmup_steps: float = field(default=0.05, metadata={"help": "Warmup steps, or a fraction of training if < 1."})
+    # Rows are raw text and images, turned into tensors by the collator: keep every column.
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep raw columns for the collator."})
+
+
+def load_tasks(sources: list[str], dataset_config: str | None = None, split: str = "train",
+               image_root: str | None = None) -> list[TaskSpec]:
+    """The tasks named by `--dataset`, each validated, with its prompts and weight from the task config."""
+    if not sources:
+        raise ValueError("No dataset given: pass one or more --dataset.")
+    expanded = []
+    for source in sources:
+        tasks_file = Path(source) / TASKS_FILE
+        if tasks_file.is_file():
+            dataset_config = dataset_config or str(tasks_file)
+            expanded += [str(Path(source) / name) for name in json.loads(tasks_file.read_text())]
+        else:
+            expanded.append(source)
+    config = json.loads(Path(dataset_config).read_text()) if dataset_config else {}
+
+    tasks = []
+    for source in expanded:
+        name = Path(source).stem if Path(source).exists() else source
+        settings = config.get(name, config.get(source, {}))
+        unknown = set(settings) - {"query_prompt", "document_prompt", "weight"}
+        if unknown:
+            raise ValueError(f"{dataset_config}: task {name!r} has unknown settings {sorted(unknown)}")
+        dataset, root = load_source(source, split, image_root=image_root)
+        dataset = absolute_image_paths(dataset, IMAGE_FIELDS, root)
+        tasks.append(TaskSpec(name=name, dataset=drop_rows_without_positive(dataset, name), **settings))
+    weights = [task.weight for task in tasks]
+    if any(w is not None for w in weights) and any(w is None for w in weights):
+        missing = [task.name for task in tasks if task.weight is None]
+        raise ValueError(f"Weights are given for some tasks but not for {missing}: give all or none.")
+    return tasks
+
+
+def load_contrastive_model(args: ContrastiveArguments) -> MoCaModel:
+    """A MoCa checkpoint as it is, or a causal VLM made MoCa (bidirectional unless `--no_bidirectional`)."""
+    kwargs = {"dtype": torch_dtype(args.dtype), "attn_implementation": args.attn_implementation}
+    if is_moca_checkpoint(args.model_name_or_path):
+        model = MoCaModel.from_pretrained(args.model_name_or_path, **kwargs)
+    else:
+        model = MoCaModel.from_backbone(
+            args.model_name_or_path, bidirectional=args.bidirectional, pooling=args.pooling, **kwargs
+        )
+    if args.matryoshka_dims:
+        bad = [dim for dim in args.matryoshka_dims if not 0 < dim <= model.config.hidden_size]
+        if bad:
+            raise ValueError(f"--matryoshka_dims {bad} are outside 1..{model.config.hidden_size} (the hidden size)")
+        model.config.matryoshka_dims = sorted(set(args.matryoshka_dims), reverse=True)
+    return model
+
+
+def add_lora(model: MoCaModel, args: ContrastiveArguments):
+    from peft import LoraConfig, get_peft_model
+
+    targets = args.lora_target_modules or DEFAULT_LORA_TARGET_MODULES
+    if isinstance(targets, list) and len(targets) == 1:
+        targets = targets[0]  # peft reads a single string as a regular expression
+    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                        target_modules=targets)  # fmt: skip
+    model = get_peft_model(model, config)
+    model.print_trainable_parameters()
+    return model
+
+
+def keep_rank_slices(prepared: DataLoader, sampler: TaskBatchSampler) -> DataLoader:
+    """Undo accelerate's re-sharding of a data loader whose batch sampler is already rank-aware.
+
+    The sampler gives each process its slice of the same global batch; accelerate's `BatchSamplerShard` would
+    hand out whole batches round-robin (other tasks on other processes, and a fraction of the batches). Making
+    the wrapper a passthrough is what the Trainer itself does for its own rank-aware `BatchRebalanceSampler`
+    (`Trainer._get_dataloader`): accelerate has no public switch for it. This is the one place that touches
+    accelerate's wrapper; `tests/test_contrastive_sampler.py` fails loudly when its attributes move.
+    """
+    shard = getattr(prepared, "batch_sampler", None)
+    if shard is not None and getattr(shard, "batch_sampler", None) is sampler:
+        shard.num_processes, shard.process_index = 1, 0
+        # The Trainer sets the epoch through the wrapper, also after `skip_first_batches` wraps it once more on
+        # resuming; without this the wrapper would not pass it on and a resumed run would replay epoch 0's order.
+        shard.set_epoch = sampler.set_epoch
+    return prepared
+
+
+class ContrastiveTrainer(MoCaTrainer):
+    """Trainer with InfoNCE over the global batch, task-aware batches, GradCache, and MoCa checkpoints with a card.
+
+    GradCache lives in the loss (`grad_cache_loss`), so `training_step` is the Trainer's own."""
+
+    def __init__(self, *args, contrastive_args: ContrastiveArguments, tasks: list[TaskSpec], **kwargs):
+        super().__init__(*args, model_name_or_path=contrastive_args.model_name_or_path, **kwargs)
+        self.contrastive_args = contrastive_args
+        self.tasks = tasks
+        # The loss is a mean over the batch's queries, never normalised by a token count.
+        self.model_accepts_loss_kwargs = False
+
+    def get_train_dataloader(self) -> DataLoader:
+        weights = [task.weight for task in self.tasks]
+        sampler = TaskBatchSampler(
+            self.train_dataset.task_sizes,
+            global_batch_size=self.args.per_device_train_batch_size * self.args.world_size,
+            num_replicas=self.args.world_size,
+            rank=self.args.process_index,
+            weights=weights if weights[0] is not None else None,
+            task_aware=self.contrastive_args.task_aware_batching,
+            drop_last=self.args.dataloader_drop_last,
+            seed=self.data_seed,
+        )
+        return keep_rank_slices(self.accelerator.prepare(self.batch_sampler_dataloader(sampler)), sampler)
+
+    def _loss(self, embeddings: torch.Tensor, num_queries: int) -> torch.Tensor:
+        return contrastive_loss(
+            embeddings[:num_queries],
+            embeddings[num_queries:],
+            temperature=self.contrastive_args.temperature,
+            matryoshka_dims=self.contrastive_args.matryoshka_dims,
+        )
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        chunks, num_queries = inputs["chunks"], inputs["num_queries"]
+        if self.contrastive_args.grad_cache_chunk_size and torch.is_grad_enabled() and not return_outputs:
+            return grad_cache_loss(
+                lambda chunk: model(**chunk).embeddings,
+                chunks,
+                lambda embeddings: self._loss(embeddings, num_queries),
+                no_sync=lambda: self.accelerator.no_sync(model),
+            )
+        embeddings = torch.cat([model(**chunk).embeddings for chunk in chunks])
+        loss = self._loss(embeddings, num_queries)
+        return (loss, {"embeddings": embeddings}) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        skipped = getattr(self.data_collator, "skipped_rows", None)
+        if "loss" in logs and skipped is not None:
+            logs["skipped_rows"] = sum(skipped.values())  # this process's count, from the collator in this process
+        super().log(logs, start_time)
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        super()._save(output_dir, state_dict)
+        output_dir = output_dir or self.args.output_dir
+        # A LoRA checkpoint holds the adapter alone: no MoCa checkpoint to describe.
+        if self.args.should_save and (Path(output_dir) / "config.json").exists():
+            self.create_model_card(output_dir=output_dir)
+
+    def card_model(self):
+        model = self.accelerator.unwrap_model(self.model)
+        return getattr(model, "get_base_model", lambda: model)()
+
+    def card_settings(self) -> list:
+        # Data sources and the starting model may be local paths: the card names only Hub ids.
+        private = ("dataset", "dataset_config", "model_name_or_path", "image_dir")
+        settings = {k: v for k, v in dataclasses.asdict(self.contrastive_args).items() if k not in private}
+        return [settings, self.args]
+
+    def create_model_card(self, output_dir: str | None = None, **kwargs) -> None:
+        lora = self.card_model() is not self.accelerator.unwrap_model(self.model)
+        self.card_tags = ("contrastive", *(("lora",) if lora else ()))
+        hub_names = [task.name for task in self.tasks if hub_id(task.name)]
+        super().create_model_card(output_dir, datasets=hub_names or None, **kwargs)

@@ -1,9 +1,9 @@
 """The paper's ablation table (Table 3) at nano scale: which parts of MoCa matter, over several seeds.
 
-    python scripts/run_nano_ablations.py --output_dir out/ablations --seeds 0 1 2
-    python scripts/run_nano_ablations.py --output_dir out/ablations --preset medium --seeds 0 1 2  # ~4 min a variant
+    python examples/nano/run_ablations.py --output_dir out/ablations --seeds 0 1 2
+    python examples/nano/run_ablations.py --output_dir out/ablations --preset medium --seeds 0 1 2  # ~4 min a variant
 
-Variants (each one the nano pipeline of scripts/run_nano_pipeline.py with one part taken away):
+Variants (each one the nano pipeline of examples/nano/run_pipeline.py with one part taken away):
 - full: CPT (MLM + MAE) then contrastive training with task-aware batches;
 - no MLM: CPT without text masking (MAE alone);
 - no MAE: CPT without image masking (MLM alone);
@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run_nano_pipeline import Settings, evaluate, loss_history, make_base_vlm, train_contrastive, train_cpt
+from run_pipeline import Settings, evaluate, loss_history, make_base_vlm, train_contrastive, train_cpt
 
 VARIANTS = {
     "full": {},

@@ -1,9 +1,9 @@
 """The nano MoCa pipeline: the whole method, end to end, on a synthetic world, on a CPU, in minutes.
 
-    python scripts/run_nano_pipeline.py --output_dir out/nano            # the README's main job
-    python scripts/run_nano_pipeline.py --output_dir out/quick --quick   # a few steps per stage (tests)
+    python examples/nano/run_pipeline.py --output_dir out/nano            # the README's main job
+    python examples/nano/run_pipeline.py --output_dir out/quick --quick   # a few steps per stage (tests)
 
-1. writes the nano data (scripts/make_nano_data.py) and a tiny random VLM, then teaches the VLM briefly as a
+1. writes the nano data (examples/nano/make_data.py) and a tiny random VLM, then teaches the VLM briefly as a
    *causal* model (captions and documents) so that it stands in for a pre-trained VLM;
 2. stage 1, continual pre-training with joint MLM + MAE (train_cpt.py);
 3. stage 2, heterogeneous contrastive fine-tuning (train_contrastive.py);
@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -85,7 +85,7 @@ def trainer_flags(output_dir: Path, steps: int, lr: float, seed: int) -> list[st
 
 def make_base_vlm(out: Path, settings: Settings, seed: int) -> Path:
     """A tiny random VLM taught briefly as a causal model: the stand-in for a pre-trained VLM."""
-    from moca.nano_data import make_nano_data
+    from nano_data import make_nano_data
     from moca.testing import make_tiny_vlm
 
     data = out / "data"
@@ -95,7 +95,7 @@ def make_base_vlm(out: Path, settings: Settings, seed: int) -> Path:
     base = out / "base-vlm"
     if not (base / "config.json").is_file():
         random_vlm = make_tiny_vlm(out / "random-vlm", seed=seed, hidden_size=settings.hidden_size, num_layers=settings.num_layers)
-        command = [sys.executable, "scripts/train_causal_vlm.py", "--model_name_or_path", random_vlm, "--dataset", str(data / "cpt"),
+        command = [sys.executable, "examples/nano/train_causal_vlm.py", "--model_name_or_path", random_vlm, "--dataset", str(data / "cpt"),
                    "--per_device_train_batch_size", "16", *trainer_flags(base, settings.causal_steps, settings.causal_lr, seed)]  # fmt: skip
         run(command, out / "logs" / "causal.log")
     return base

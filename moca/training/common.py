@@ -1,0 +1,138 @@
+"""What both training stages share: arguments, model-or-backbone loading, the data loader, the MoCa model
+card, and the run itself (resume, train, save)."""
+
+import functools
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+from transformers import AutoConfig, HfArgumentParser, Trainer, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint, seed_worker
+
+from ..model_card import write_model_card
+from ..modeling_moca import DTYPES
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelDataArguments:
+    """The flags every stage, evaluation and the CLI name alike."""
+
+    model_name_or_path: str = field(metadata={"help": "A MoCa checkpoint or a causal VLM (Hub name or folder)."})
+    dataset: list[str] = field(
+        metadata={"help": "One or more data sources: Hub names, save_to_disk folders, parquet/jsonl files or "
+                          "folders of them."}
+    )
+    split: str = field(default="train", metadata={"help": "Split of Hub and saved datasets.", "aliases": ["--dataset_split"]})
+    image_dir: str | None = field(
+        default=None,
+        metadata={"help": "Folder relative image paths are read under (default: the folder of each data source)."},
+    )
+    max_length: int = field(default=2048, metadata={"help": "Longest input in tokens; longer text is cut."})
+    dtype: str = field(default="float32", metadata={"help": "Weights dtype.", "choices": list(DTYPES)})
+    attn_implementation: str | None = field(
+        default=None, metadata={"help": "sdpa (default), eager or flash_attention_2."}
+    )
+
+
+def torch_dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r}: use one of {list(DTYPES)}.")
+    return DTYPES[name]
+
+
+def is_moca_checkpoint(name_or_path: str) -> bool:
+    """A MoCa checkpoint (continue from it) rather than a causal VLM (build MoCa from it)?"""
+    return AutoConfig.from_pretrained(name_or_path, trust_remote_code=False).model_type == "moca"
+
+
+def hub_id(name_or_path: str | None) -> str | None:
+    """The name when it is a Hub id (`owner/name`, not a local path): what a model card may cite."""
+    if name_or_path and not Path(name_or_path).exists() and name_or_path.count("/") == 1:
+        return name_or_path
+    return None
+
+
+def parse_arguments(argument_classes: tuple, argv: list[str] | None):
+    """Parse, set up logging and seeds: the start of both training scripts."""
+    *arguments, training_args = HfArgumentParser(argument_classes).parse_args_into_dataclasses(args=argv)
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=training_args.get_process_log_level()
+    )
+    if training_args.ddp_find_unused_parameters is None:
+        # A text-only batch leaves the vision tower (and the MAE head) without gradients on its process.
+        training_args.ddp_find_unused_parameters = True
+    set_seed(training_args.seed)
+    return (*arguments, training_args)
+
+
+def flag_given(argv: list[str] | None, flag: str) -> bool:
+    return any(arg == flag or arg.startswith(flag + "=") for arg in (sys.argv[1:] if argv is None else argv))
+
+
+class MoCaTrainer(Trainer):
+    """What both stages' Trainers add to the stock one: a batch-sampler data loader and the MoCa model card."""
+
+    card_tags: tuple[str, ...] = ()
+
+    def __init__(self, *args, model_name_or_path: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.model_name_or_path = model_name_or_path
+
+    def batch_sampler_dataloader(self, batch_sampler: Sampler, seed_workers: bool = True) -> DataLoader:
+        """The train data loader over `batch_sampler`, with the Trainer's data-loader settings."""
+        args = self.args
+        return DataLoader(
+            self.train_dataset,
+            batch_sampler=batch_sampler,
+            collate_fn=self.data_collator,
+            num_workers=args.dataloader_num_workers,
+            pin_memory=args.dataloader_pin_memory,
+            persistent_workers=args.dataloader_persistent_workers and args.dataloader_num_workers > 0,
+            prefetch_factor=args.dataloader_prefetch_factor,
+            worker_init_fn=functools.partial(seed_worker, num_workers=args.dataloader_num_workers, rank=args.process_index)
+            if seed_workers else None,
+        )  # fmt: skip
+
+    @property
+    def data_seed(self) -> int:
+        return self.args.data_seed if self.args.data_seed is not None else self.args.seed
+
+    def card_model(self):
+        """The MoCa model the card describes."""
+        return self.accelerator.unwrap_model(self.model)
+
+    def card_settings(self) -> list:
+        return [self.args]
+
+    def create_model_card(self, output_dir: str | None = None, **kwargs) -> None:
+        """The MoCa card (also what `--push_to_hub` uploads), in place of the Trainer's generic one."""
+        write_model_card(
+            self.card_model(),
+            output_dir or self.args.output_dir,
+            model_id=self.args.hub_model_id if self.args.push_to_hub else None,
+            base_model=hub_id(self.model_name_or_path),
+            training_args=self.card_settings(),
+            tags=list(self.card_tags),
+            **kwargs,
+        )
+
+
+def run(trainer: Trainer, training_args: TrainingArguments, before_save=None) -> Trainer:
+    """Train (resuming from `--resume_from_checkpoint DIR`, or `last`: the newest checkpoint in `--output_dir`),
+    then save the trainer state (the loss history, for reports) and the model (pushed with `--push_to_hub`)."""
+    resume = training_args.resume_from_checkpoint
+    if resume == "last":
+        resume = get_last_checkpoint(training_args.output_dir)
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_state()
+    if before_save is not None:
+        before_save(trainer)
+    trainer.save_model()
+    return trainer

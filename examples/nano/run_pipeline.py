@@ -1,7 +1,7 @@
 """The nano MoCa pipeline: the whole method, end to end, on a synthetic world, on a CPU, in minutes.
 
     python examples/nano/run_pipeline.py --output_dir out/nano            # the README's main job
-    python examples/nano/run_pipeline.py --output_dir out/quick --quick   # a few steps per stage (tests)
+    python examples/nano/run_pipeline.py --output_dir out/quick --quick   # about 2 minutes (the tests)
 
 1. writes the nano data (examples/nano/make_data.py) and a tiny random VLM, then teaches the VLM briefly as a
    *causal* model (captions and documents) so that it stands in for a pre-trained VLM;
@@ -57,7 +57,10 @@ class Settings:
     eval_batch_size: int = 32
 
 
-QUICK = Settings(data_scale=0.05, causal_steps=4, cpt_steps=4, cpt_token_budget=1024, cl_steps=4, cl_batch_size=8)
+# The tests' variant (about 2 minutes on 2 cores): a tenth of the data, few CPT steps, and enough causal and
+# contrastive steps that the final model beats the base on both suites (seed 0: MMEB 18.5 vs 9.2, ViDoRe
+# 69.5 vs 43.6), which the test asserts; 4 contrastive steps, as before, left the final model at the base's level.
+QUICK = Settings(data_scale=0.1, causal_steps=100, cpt_steps=4, cpt_token_budget=1024, cl_steps=600, cl_batch_size=16)
 
 
 def run(command: list[str], log_file: Path) -> None:
@@ -300,7 +303,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="out/nano")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="a few steps per stage on a sliver of the data")
+    parser.add_argument("--quick", action="store_true", help="the tests' variant: a tenth of the data, about 2 minutes")
     args = parser.parse_args()
     settings = QUICK if args.quick else Settings()
     run_pipeline(Path(args.output_dir), replace(settings), seed=args.seed)

@@ -138,3 +138,26 @@ def test_contrastive_script_keeps_a_causal_backbone_causal(tiny_vlm_dir, bidirec
         hidden = model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
     first_tokens_differ = (hidden[0, 0] - hidden[1, 0]).abs().max().item()
     assert (first_tokens_differ < 1e-5) if not bidirectional else (first_tokens_differ > 1e-4)
+
+
+def test_a_stage_is_reused_only_when_made_by_the_same_command_inputs_and_code(tmp_path):
+    """The pipeline reuses a stage's folder only when its record matches: a README number once came from a folder
+    that older settings had made."""
+    from run_pipeline import is_current, mark_current, stage_key
+
+    data, model = tmp_path / "data", tmp_path / "model"
+    data.mkdir()
+    data_key = stage_key("data", {"seed": 0})
+    mark_current(data, data_key)
+    model.mkdir()
+    (model / "weights").write_text("w")
+    key = stage_key("train", ["--max_steps", "5"], [data])
+    assert not is_current(model, key) and not model.exists()  # unfinished (no record): removed, to be remade
+    model.mkdir()
+    mark_current(model, key)
+    assert is_current(model, stage_key("train", ["--max_steps", "5"], [data]))
+    assert not is_current(model, stage_key("train", ["--max_steps", "6"], [data])) and not model.exists()
+    model.mkdir()
+    mark_current(model, key)
+    mark_current(data, stage_key("data", {"seed": 1}))  # the input was remade otherwise: the output is stale
+    assert not is_current(model, stage_key("train", ["--max_steps", "5"], [data])) and not model.exists()

@@ -12,11 +12,16 @@
 5. reloads the final checkpoint in a fresh process with AutoModel + trust_remote_code and searches images by
    text;
 6. writes OUT/report.md (scores and losses) and OUT/report.png, and prints the table.
-Each stage runs as its own command, exactly as a user would run it, and is skipped when its output exists.
+Each stage runs as its own command, exactly as a user would run it. A stage's folder records what made it
+(`stage.json`: its command or settings, the records of its inputs, and a hash of the code): a rerun skips the
+stages whose record matches and remakes the others, so a report never mixes outputs of other settings or code.
 """
 
 import argparse
+import functools
+import hashlib
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -24,6 +29,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+STAGE_FILE = "stage.json"
+# The code every stage runs: a change in any of it makes every stage stale.
+CODE = ("moca", "eval", "examples/nano", "train_cpt.py", "train_contrastive.py")
 
 
 @dataclass
@@ -77,6 +85,40 @@ def run(command: list[str], log_file: Path) -> None:
             raise SystemExit(f"stage failed (exit {process.returncode}); its log: {log_file}")
 
 
+@functools.cache
+def code_hash() -> str:
+    digest = hashlib.sha256()
+    for entry in CODE:
+        path = REPO_ROOT / entry
+        for file in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            digest.update(str(file.relative_to(REPO_ROOT)).encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def stage_record(folder: Path) -> dict | None:
+    marker = folder / STAGE_FILE
+    return json.loads(marker.read_text()) if marker.is_file() else None
+
+
+def stage_key(name: str, made_by, inputs: list[Path] = ()) -> dict:
+    """What a stage's output depends on: how it is made, what it is made from, and the code."""
+    return {"stage": name, "made_by": made_by, "inputs": [stage_record(path) for path in inputs], "code": code_hash()}
+
+
+def is_current(folder: Path, key: dict) -> bool:
+    """True when `folder` holds this stage's output made exactly so; a stale or partial folder is removed."""
+    if stage_record(folder) == key:
+        return True
+    if folder.exists():
+        print(f"{folder}: made by other settings or code (or unfinished): making it again", flush=True)
+        shutil.rmtree(folder)
+    return False
+
+
+def mark_current(folder: Path, key: dict) -> None:
+    (folder / STAGE_FILE).write_text(json.dumps(key, indent=2) + "\n")
+
+
 def trainer_flags(output_dir: Path, steps: int, lr: float, seed: int) -> list[str]:
     return [
         "--output_dir", str(output_dir), "--max_steps", str(steps), "--learning_rate", str(lr),
@@ -92,40 +134,51 @@ def make_base_vlm(out: Path, settings: Settings, seed: int) -> Path:
     from moca.testing import make_tiny_vlm
 
     data = out / "data"
-    if not (data / "manifest.json").is_file():
+    key = stage_key("data", {"seed": seed, "scale": settings.data_scale})
+    if not is_current(data, key):
         print(f"Writing the nano world to {data}", flush=True)
         make_nano_data(data, seed=seed, scale=settings.data_scale)
+        mark_current(data, key)
     base = out / "base-vlm"
-    if not (base / "config.json").is_file():
-        random_vlm = make_tiny_vlm(out / "random-vlm", seed=seed, hidden_size=settings.hidden_size, num_layers=settings.num_layers)
-        command = [sys.executable, "examples/nano/train_causal_vlm.py", "--model_name_or_path", random_vlm, "--dataset", str(data / "cpt"),
-                   "--per_device_train_batch_size", "16", *trainer_flags(base, settings.causal_steps, settings.causal_lr, seed)]  # fmt: skip
+    random_vlm = out / "random-vlm"
+    command = [sys.executable, "examples/nano/train_causal_vlm.py", "--model_name_or_path", str(random_vlm), "--dataset", str(data / "cpt"),
+               "--per_device_train_batch_size", "16", *trainer_flags(base, settings.causal_steps, settings.causal_lr, seed)]  # fmt: skip
+    key = stage_key("base-vlm", {"command": command[1:], "hidden_size": settings.hidden_size,
+                                 "num_layers": settings.num_layers, "seed": seed}, [data])  # fmt: skip
+    if not is_current(base, key):
+        shutil.rmtree(random_vlm, ignore_errors=True)
+        make_tiny_vlm(random_vlm, seed=seed, hidden_size=settings.hidden_size, num_layers=settings.num_layers)
         run(command, out / "logs" / "causal.log")
+        mark_current(base, key)
     return base
 
 
 def train_cpt(start: Path, out: Path, settings: Settings, seed: int, data: Path) -> Path:
     target = out / "cpt"
-    if not (target / "config.json").is_file():
-        command = [sys.executable, "train_cpt.py", "--model_name_or_path", str(start), "--dataset", str(data / "cpt"),
-                   "--token_budget", str(settings.cpt_token_budget), "--max_length", "256",
-                   "--text_mask_ratio", str(settings.text_mask_ratio), "--image_mask_ratio", str(settings.image_mask_ratio),
-                   "--mae_loss_weight", str(settings.mae_loss_weight),
-                   *trainer_flags(target, settings.cpt_steps, settings.cpt_lr, seed)]  # fmt: skip
+    command = [sys.executable, "train_cpt.py", "--model_name_or_path", str(start), "--dataset", str(data / "cpt"),
+               "--token_budget", str(settings.cpt_token_budget), "--max_length", "256",
+               "--text_mask_ratio", str(settings.text_mask_ratio), "--image_mask_ratio", str(settings.image_mask_ratio),
+               "--mae_loss_weight", str(settings.mae_loss_weight),
+               *trainer_flags(target, settings.cpt_steps, settings.cpt_lr, seed)]  # fmt: skip
+    key = stage_key("cpt", command[1:], [start, data])
+    if not is_current(target, key):
         run(command, out / "logs" / "cpt.log")
+        mark_current(target, key)
     return target
 
 
 def train_contrastive(start: Path, out: Path, settings: Settings, seed: int, data: Path) -> Path:
     target = out / "final"
-    if not (target / "config.json").is_file():
-        command = [sys.executable, "train_contrastive.py", "--model_name_or_path", str(start), "--dataset", str(data / "contrastive"),
-                   "--per_device_train_batch_size", str(settings.cl_batch_size), "--max_length", "256",
-                   "--temperature", str(settings.temperature), "--num_hard_negatives", str(settings.num_hard_negatives),
-                   *([] if settings.task_aware_batching else ["--no_task_aware_batching"]),
-                   *([] if settings.bidirectional else ["--no_bidirectional"]),  # causal: last-token pooling
-                   *trainer_flags(target, settings.cl_steps, settings.cl_lr, seed)]  # fmt: skip
+    command = [sys.executable, "train_contrastive.py", "--model_name_or_path", str(start), "--dataset", str(data / "contrastive"),
+               "--per_device_train_batch_size", str(settings.cl_batch_size), "--max_length", "256",
+               "--temperature", str(settings.temperature), "--num_hard_negatives", str(settings.num_hard_negatives),
+               *([] if settings.task_aware_batching else ["--no_task_aware_batching"]),
+               *([] if settings.bidirectional else ["--no_bidirectional"]),  # causal: last-token pooling
+               *trainer_flags(target, settings.cl_steps, settings.cl_lr, seed)]  # fmt: skip
+    key = stage_key("contrastive", command[1:], [start, data])
+    if not is_current(target, key):
         run(command, out / "logs" / "contrastive.log")
+        mark_current(target, key)
     return target
 
 
@@ -139,8 +192,11 @@ def evaluate(model_dir: Path, out: Path, data: Path, settings: Settings, bidirec
     from moca import MoCaModel
 
     results_file = out / "results.json"
-    if results_file.is_file():
+    key = stage_key("eval", {"batch_size": settings.eval_batch_size, "bidirectional": bidirectional,
+                             "model": str(model_dir)}, [model_dir, data])  # fmt: skip
+    if is_current(out, key):
         return json.loads(results_file.read_text())
+    out.mkdir(parents=True)
     if AutoConfig.from_pretrained(model_dir, trust_remote_code=True).model_type == "moca":
         model = MoCaModel.from_pretrained(model_dir, dtype=torch.float32)
     else:
@@ -154,6 +210,7 @@ def evaluate(model_dir: Path, out: Path, data: Path, settings: Settings, bidirec
                              query_prompt=tasks["document_retrieval"]["query_prompt"])  # fmt: skip
     results = {"mmeb": mmeb, "vidore": vidore}
     results_file.write_text(json.dumps(results, indent=2))
+    mark_current(out, key)
     return results
 
 

@@ -59,7 +59,8 @@ def test_trainer_card_is_the_moca_card(full_run, tmp_path):
     from huggingface_hub import ModelCard
 
     trainer, _ = full_run
-    trainer.create_model_card(output_dir=str(tmp_path))
+    # `Trainer.push_to_hub` calls it with the generic card's arguments (`model_name`, ...), which the MoCa card ignores.
+    trainer.create_model_card(output_dir=str(tmp_path), model_name="ignored", language="en")
     card = ModelCard.load(tmp_path / "README.md")
     assert "moca" in card.data.tags and "continual-pretraining" in card.data.tags
     assert "2506.23115" in card.text and "learning_rate" in card.text

@@ -111,16 +111,20 @@ class MoCaTrainer(Trainer):
     def card_settings(self) -> list:
         return [self.args]
 
-    def create_model_card(self, output_dir: str | None = None, **kwargs) -> None:
-        """The MoCa card (also what `--push_to_hub` uploads), in place of the Trainer's generic one."""
+    def card_datasets(self) -> list[str] | None:
+        return None
+
+    def create_model_card(self, output_dir: str | None = None, **trainer_card_kwargs) -> None:
+        """The MoCa card (also what `--push_to_hub` uploads), in place of the Trainer's generic one (whose
+        arguments, such as `model_name`, it does not use)."""
         write_model_card(
             self.card_model(),
             output_dir or self.args.output_dir,
             model_id=self.args.hub_model_id if self.args.push_to_hub else None,
             base_model=hub_id(self.model_name_or_path),
+            datasets=self.card_datasets(),
             training_args=self.card_settings(),
             tags=list(self.card_tags),
-            **kwargs,
         )
 
 

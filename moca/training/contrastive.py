@@ -685,8 +685,10 @@ class ContrastiveTrainer(MoCaTrainer):
         settings = {k: v for k, v in dataclasses.asdict(self.contrastive_args).items() if k not in private}
         return [settings, self.args]
 
-    def create_model_card(self, output_dir: str | None = None, **kwargs) -> None:
+    @property
+    def card_tags(self) -> tuple[str, ...]:
         lora = self.card_model() is not self.accelerator.unwrap_model(self.model)
-        self.card_tags = ("contrastive", *(("lora",) if lora else ()))
-        hub_names = [task.name for task in self.tasks if hub_id(task.name)]
-        super().create_model_card(output_dir, datasets=hub_names or None, **kwargs)
+        return ("contrastive", *(("lora",) if lora else ()))
+
+    def card_datasets(self) -> list[str] | None:
+        return [task.name for task in self.tasks if hub_id(task.name)] or None

@@ -74,6 +74,12 @@ class MoCaConfig(PreTrainedConfig):
         # attention modules alone is silently causal with sdpa when a batch has no padding.
         self.vlm_config.get_text_config().is_causal = not self.bidirectional
 
+    def get_text_config(self, decoder=None, encoder=None) -> PreTrainedConfig:
+        """The backbone's text config: what transformers (token-embedding resizing, attention masks), peft,
+        sentence-transformers and serving engines look up `vocab_size`, `hidden_size` and `is_causal` in. The
+        inherited method would return this config itself, which has none of them."""
+        return self.vlm_config.get_text_config(decoder=decoder, encoder=encoder)
+
     @property
     def hidden_size(self) -> int:
         return self.vlm_config.get_text_config().hidden_size

@@ -135,3 +135,28 @@ def test_mask_token_gets_an_embedding_row(tiny_vlm_dir):
     with torch.no_grad():
         output = model(input_ids=torch.tensor([[5, mask_id, 7]]), labels=torch.tensor([[-100, 6, -100]]))
     assert torch.isfinite(output.loss)
+
+
+def test_adding_the_mask_token_resizes_the_backbone_and_survives_a_reload(tmp_path):
+    """The Qwen tokenizers lack `<|mask|>`: CPT adds an embedding row. The resize must reach the backbone's text
+    config (what `MoCaConfig.get_text_config()` returns), or the saved checkpoint would not load."""
+    from moca import MoCaModel
+
+    tokenizer = make_tiny_tokenizer(seed=0)
+    config = tiny_vlm_config("qwen2_5_vl", tokenizer)
+    mask_id = tokenizer.convert_tokens_to_ids("<|mask|>")
+    config.text_config.vocab_size = mask_id  # the embedding has no row for the mask token yet
+    torch.manual_seed(2)
+    AutoModelForImageTextToText.from_config(config).save_pretrained(tmp_path / "vlm")
+    tokenizer.save_pretrained(tmp_path / "vlm")
+    tiny_image_processor("qwen2_5_vl").save_pretrained(tmp_path / "vlm")
+
+    model = MoCaForContinualPretraining.from_backbone(str(tmp_path / "vlm"), dtype=torch.float32)
+    assert model.moca.config.get_text_config() is model.moca.config.vlm_config.text_config
+    assert model.moca.get_input_embeddings().num_embeddings == mask_id
+    model.add_mask_token()
+    rows = model.moca.get_input_embeddings().num_embeddings
+    assert rows > mask_id and model.moca.config.vlm_config.text_config.vocab_size == rows
+    model.save_pretrained(tmp_path / "cpt")
+    reloaded = MoCaModel.from_pretrained(tmp_path / "cpt", dtype=torch.float32)
+    torch.testing.assert_close(reloaded.get_input_embeddings().weight, model.moca.get_input_embeddings().weight)

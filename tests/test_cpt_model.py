@@ -93,7 +93,8 @@ def test_losses_use_masked_positions_only(cpt_model, batch):
     with torch.no_grad():
         output = cpt_model(**batch)
         assert torch.isfinite(output.mlm_loss) and torch.isfinite(output.mae_loss)
-        torch.testing.assert_close(output.loss, output.mlm_loss + 0.5 * output.mae_loss)
+        assert cpt_model.mae_loss_weight == 0.1  # the release's weight is the default (the paper's: 0.5)
+        torch.testing.assert_close(output.loss, output.mlm_loss + 0.1 * output.mae_loss)
 
         unmasked_patches = ~batch["image_token_mask"].repeat_interleave(4)
         targets = batch["pixel_targets"].clone()

@@ -88,3 +88,18 @@ def test_a_batch_size_flag_is_refused_not_ignored(tiny_vlm_dir, data, tmp_path):
     for flag in (["--per_device_train_batch_size", "4"], ["--per_device_train_batch_size=4"]):
         with pytest.raises(ValueError, match="set --token_budget, not --per_device_train_batch_size"):
             train_cpt.main(arguments(tiny_vlm_dir, data, tmp_path, *flag))
+
+
+def test_release_defaults_and_half_precision_weights_refused(tiny_vlm_dir, data, tmp_path):
+    from moca.training.common import parse_arguments
+    from moca.training.contrastive import ContrastiveArguments, ContrastiveTrainingArguments
+    from moca.training.cpt import CPTArguments, CPTTrainingArguments
+
+    for classes in ((CPTArguments, CPTTrainingArguments), (ContrastiveArguments, ContrastiveTrainingArguments)):
+        _, training_args = parse_arguments(
+            classes, ["--model_name_or_path", tiny_vlm_dir, "--dataset", str(data), "--output_dir", str(tmp_path)]
+        )
+        # The release's scripts: one epoch, gradients clipped at norm 5 (the Trainer's own defaults: 3 and 1.0).
+        assert (training_args.num_train_epochs, training_args.max_grad_norm) == (1.0, 5.0)
+    with pytest.raises(ValueError, match="--dtype bfloat16 without --bf16/--fp16 trains half-precision weights"):
+        train_cpt.main(arguments(tiny_vlm_dir, data, tmp_path, "--dtype", "bfloat16"))

@@ -123,6 +123,7 @@ def trainer_flags(output_dir: Path, steps: int, lr: float, seed: int) -> list[st
     return [
         "--output_dir", str(output_dir), "--max_steps", str(steps), "--learning_rate", str(lr),
         "--warmup_steps", "0.1", "--lr_scheduler_type", "cosine", "--weight_decay", "0.0",
+        "--max_grad_norm", "1.0",  # what the nano settings were tuned with (the scripts' default is the release's 5.0)
         "--logging_steps", str(max(1, steps // 20)), "--save_strategy", "no", "--report_to", "none",
         "--seed", str(seed), "--disable_tqdm", "true", "--dataloader_num_workers", "0",
     ]  # fmt: skip

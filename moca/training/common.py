@@ -39,6 +39,17 @@ class ModelDataArguments:
     )
 
 
+@dataclass
+class MoCaTrainingArguments(TrainingArguments):
+    """TrainingArguments with the defaults of the release's scripts where the Trainer's differ."""
+
+    # The release trains each stage for one epoch with gradients clipped at norm 5 (the Trainer: 3 and 1.0).
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs (the release: 1)."})
+    max_grad_norm: float = field(default=5.0, metadata={"help": "Gradient clipping norm (the release: 5.0)."})
+    # Rows are raw text and images, turned into tensors by the collator: keep every column.
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep raw columns for the collator."})
+
+
 def torch_dtype(name: str | None) -> torch.dtype | None:
     if name is None:
         return None
@@ -65,6 +76,12 @@ def parse_arguments(argument_classes: tuple, argv: list[str] | None):
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=training_args.get_process_log_level()
     )
+    for model_arguments in arguments:
+        if getattr(model_arguments, "dtype", None) in ("bfloat16", "float16") and not (training_args.bf16 or training_args.fp16):
+            raise ValueError(
+                f"--dtype {model_arguments.dtype} without --bf16/--fp16 trains half-precision weights directly: AdamW "
+                "updates at learning rates near 1e-5 round away. Keep --dtype float32 and add --bf16 (mixed precision)."
+            )
     if training_args.ddp_find_unused_parameters is None:
         # A text-only batch leaves the vision tower (and the MAE head) without gradients on its process.
         training_args.ddp_find_unused_parameters = True

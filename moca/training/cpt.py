@@ -24,14 +24,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, Sampler
-from transformers import TrainingArguments
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.utils import ModelOutput, cached_file
 
 from ..data import absolute_image_paths, load_image, load_source, require_columns
 from ..modeling_moca import MoCaModel, MoCaPreTrainedModel
 from ..processing_moca import IMAGE_PLACEHOLDER, MoCaProcessor, count_image_placeholders
-from .common import ModelDataArguments, MoCaTrainer, is_moca_checkpoint, torch_dtype
+from .common import ModelDataArguments, MoCaTrainer, MoCaTrainingArguments, is_moca_checkpoint, torch_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +39,10 @@ IMAGE_TOKEN_COST = 4
 # Tokens the processor adds around each image (<|vision_start|> and <|vision_end|>).
 IMAGE_WRAPPER_TOKENS = 2
 CPT_HEADS_FILE = "cpt_heads.safetensors"
+# Where the released scripts and the paper's text differ, the scripts are the default: MAE weight 0.1 (the paper's
+# best in its sweep: 0.5) and sequences of 1,280 tokens (the paper's CPT: 2,048).
+MAE_LOSS_WEIGHT = 0.1
+MAX_LENGTH = 1280
 
 # ---------------------------------------------------------------------------------------------------------------
 # The model: masked language modelling + masked patch reconstruction
@@ -111,7 +114,7 @@ class MoCaForContinualPretraining(MoCaPreTrainedModel):
     `cpt_heads.safetensors`, which `from_pretrained` reads back to resume training.
     """
 
-    def __init__(self, config, moca: MoCaModel | None = None, mae_loss_weight: float = 0.5):
+    def __init__(self, config, moca: MoCaModel | None = None, mae_loss_weight: float = MAE_LOSS_WEIGHT):
         super().__init__(config)
         if not config.bidirectional:
             raise ValueError("Continual pre-training reconstructs masked inputs from both sides: bidirectional=True.")
@@ -239,7 +242,7 @@ class MoCaForContinualPretraining(MoCaPreTrainedModel):
     # ------------------------------------------------------------------ building, saving, loading
 
     @classmethod
-    def from_backbone(cls, name_or_path: str, mae_loss_weight: float = 0.5, dtype=None,
+    def from_backbone(cls, name_or_path: str, mae_loss_weight: float = MAE_LOSS_WEIGHT, dtype=None,
                       attn_implementation: str | None = None, **config_kwargs) -> "MoCaForContinualPretraining":
         """Fresh CPT model from a causal VLM checkpoint: MLM head from its `lm_head`, MAE decoder from its
         middle layer, MAE projection random."""
@@ -252,7 +255,7 @@ class MoCaForContinualPretraining(MoCaPreTrainedModel):
         return model
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, mae_loss_weight: float = 0.5, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, mae_loss_weight: float = MAE_LOSS_WEIGHT, **kwargs):
         """From a MoCa checkpoint: its CPT heads when it has them (resuming), fresh heads otherwise."""
         moca = MoCaModel.from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         model = cls(moca.config, moca=moca, mae_loss_weight=mae_loss_weight)
@@ -665,7 +668,12 @@ class CPTArguments(ModelDataArguments):
     model_name_or_path: str = field(metadata={"help": "A causal VLM (Hub name or folder) or a MoCa checkpoint."})
     text_mask_ratio: float = field(default=0.4, metadata={"help": "Share of text tokens replaced by <|mask|>."})
     image_mask_ratio: float = field(default=0.5, metadata={"help": "Share of merged visual tokens masked."})
-    mae_loss_weight: float = field(default=0.5, metadata={"help": "w in loss = mlm_loss + w * mae_loss."})
+    mae_loss_weight: float = field(
+        default=MAE_LOSS_WEIGHT, metadata={"help": "w in loss = mlm_loss + w * mae_loss (release 0.1, paper 0.5)."}
+    )
+    max_length: int = field(
+        default=MAX_LENGTH, metadata={"help": "Longest sequence in tokens; longer text is cut (release 1280, paper 2048)."}
+    )
     shift_labels: bool = field(
         default=False,
         metadata={"help": "Predict a masked token from the position before it (the paper's text); the original "
@@ -679,12 +687,10 @@ class CPTArguments(ModelDataArguments):
 
 
 @dataclass
-class CPTTrainingArguments(TrainingArguments):
+class CPTTrainingArguments(MoCaTrainingArguments):
     # The paper's settings at 3B scale (warmup 0.1 of training); a tiny model needs a far larger learning rate.
     learning_rate: float = field(default=2e-6, metadata={"help": "Peak learning rate (paper: 2e-6)."})
     warmup_steps: float = field(default=0.1, metadata={"help": "Warmup steps, or a fraction of training if < 1."})
-    # Rows are raw text and images, turned into tensors by the collator: keep every column.
-    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep raw columns for the collator."})
 
 
 def load_cpt_model(args: CPTArguments) -> MoCaForContinualPretraining:

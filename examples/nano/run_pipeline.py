@@ -119,6 +119,15 @@ def mark_current(folder: Path, key: dict) -> None:
     (folder / STAGE_FILE).write_text(json.dumps(key, indent=2) + "\n")
 
 
+def run_training_stage(name: str, target: Path, command: list[str], inputs: list[Path], log_file: Path) -> Path:
+    """Run a training command into `target` unless `target` already holds what it would make."""
+    key = stage_key(name, command[1:], inputs)  # not the interpreter's path
+    if not is_current(target, key):
+        run(command, log_file)
+        mark_current(target, key)
+    return target
+
+
 def trainer_flags(output_dir: Path, steps: int, lr: float, seed: int) -> list[str]:
     return [
         "--output_dir", str(output_dir), "--max_steps", str(steps), "--learning_rate", str(lr),
@@ -161,11 +170,7 @@ def train_cpt(start: Path, out: Path, settings: Settings, seed: int, data: Path)
                "--text_mask_ratio", str(settings.text_mask_ratio), "--image_mask_ratio", str(settings.image_mask_ratio),
                "--mae_loss_weight", str(settings.mae_loss_weight),
                *trainer_flags(target, settings.cpt_steps, settings.cpt_lr, seed)]  # fmt: skip
-    key = stage_key("cpt", command[1:], [start, data])
-    if not is_current(target, key):
-        run(command, out / "logs" / "cpt.log")
-        mark_current(target, key)
-    return target
+    return run_training_stage("cpt", target, command, [start, data], out / "logs" / "cpt.log")
 
 
 def train_contrastive(start: Path, out: Path, settings: Settings, seed: int, data: Path) -> Path:
@@ -176,11 +181,7 @@ def train_contrastive(start: Path, out: Path, settings: Settings, seed: int, dat
                *([] if settings.task_aware_batching else ["--no_task_aware_batching"]),
                *([] if settings.bidirectional else ["--no_bidirectional"]),  # causal: last-token pooling
                *trainer_flags(target, settings.cl_steps, settings.cl_lr, seed)]  # fmt: skip
-    key = stage_key("contrastive", command[1:], [start, data])
-    if not is_current(target, key):
-        run(command, out / "logs" / "contrastive.log")
-        mark_current(target, key)
-    return target
+    return run_training_stage("contrastive", target, command, [start, data], out / "logs" / "contrastive.log")
 
 
 def evaluate(model_dir: Path, out: Path, data: Path, settings: Settings, bidirectional: bool = True) -> dict:

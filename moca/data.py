@@ -100,11 +100,9 @@ def _holds_strings(feature) -> bool:
     return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
 
 
-def require_columns(dataset: datasets.Dataset, source: str, required=(), one_of=()) -> None:
+def require_columns(dataset: datasets.Dataset, source: str, required=()) -> None:
     """A clear error naming the source and its columns when a column the stage needs is absent."""
     columns = dataset.column_names
     missing = [name for name in required if name not in columns]
     if missing:
         raise ValueError(f"Dataset {source}: no {' / '.join(map(repr, missing))} column (columns: {columns}).")
-    if one_of and not any(name in columns for name in one_of):
-        raise ValueError(f"Dataset {source}: needs one of the columns {list(one_of)} (columns: {columns}).")

@@ -36,17 +36,16 @@ def count_image_placeholders(text: str) -> int:
     return len(_PLACEHOLDER_PATTERN.findall(text))
 
 
-def load_image(image, image_root: str | os.PathLike | None = None) -> Image.Image:
+def load_image(image) -> Image.Image:
     """The one image loader of every stage: a fully decoded image from a `PIL.Image`, encoded bytes, a path, or
     a `{"bytes", "path"}` dict (how `datasets` stores an undecoded image).
 
-    A relative path is read under `image_root` when one is given (data rows next to their images). Decoding
-    happens here, so a truncated or corrupt file fails with a `ValueError` that names it, not later inside
+    Relative paths of data rows are made absolute when the data loads (`moca.data`). Decoding happens here, so a truncated or corrupt file fails with a `ValueError` that names it, not later inside
     the image processor.
     """
     if isinstance(image, Image.Image):
         return image
-    source, shown = _image_source(image, image_root)
+    source, shown = _image_source(image)
     try:
         with Image.open(source) as opened:
             opened.load()
@@ -55,14 +54,12 @@ def load_image(image, image_root: str | os.PathLike | None = None) -> Image.Imag
         raise ValueError(f"cannot read image {shown}: {error}") from error
 
 
-def _image_source(image, image_root=None) -> tuple:
+def _image_source(image) -> tuple:
     """What `Image.open` reads for an encoded image, and how to name it in an error."""
     if isinstance(image, dict):
         image = image.get("bytes") or image.get("path")
     if isinstance(image, (str, os.PathLike)):
         path = os.fspath(image)
-        if image_root is not None and not os.path.isabs(path):
-            path = os.path.join(image_root, path)
         return path, path
     if isinstance(image, (bytes, bytearray)):
         return io.BytesIO(image), f"<{len(image)} bytes>"

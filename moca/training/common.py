@@ -4,6 +4,7 @@ card, and the run itself (resume, train, save)."""
 import functools
 import logging
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,6 +98,9 @@ class MoCaTrainer(Trainer):
     """What both stages' Trainers add to the stock one: a batch-sampler data loader and the MoCa model card."""
 
     card_tags: tuple[str, ...] = ()
+    # True when each process counts only the rows it skipped itself (summed over processes at the end); False
+    # when every process counts the same rows (validation of the whole data before training).
+    skips_counted_per_process: bool = True
 
     def __init__(self, *args, model_name_or_path: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -120,6 +124,24 @@ class MoCaTrainer(Trainer):
     @property
     def data_seed(self) -> int:
         return self.args.data_seed if self.args.data_seed is not None else self.args.seed
+
+    def skipped_rows_by_reason(self) -> Counter:
+        """This process's rows that training skipped, counted by reason (each stage's Trainer fills it in)."""
+        return Counter()
+
+    def log_skipped_rows(self) -> Counter:
+        """One line `skipped rows: N`, then the count per reason, summed over processes; returns the counts."""
+        counts = self.skipped_rows_by_reason()
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if distributed and self.skips_counted_per_process:
+            per_process = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(per_process, dict(counts))
+            counts = sum((Counter(part) for part in per_process), Counter())
+        if self.is_world_process_zero():
+            logger.warning(f"skipped rows: {sum(counts.values())}")
+            for reason, count in counts.most_common():
+                logger.warning(f"  {count} {reason}")
+        return counts
 
     def card_model(self):
         """The MoCa model the card describes."""
@@ -152,6 +174,8 @@ def run(trainer: Trainer, training_args: TrainingArguments, before_save=None) ->
     if resume == "last":
         resume = get_last_checkpoint(training_args.output_dir)
     trainer.train(resume_from_checkpoint=resume)
+    if isinstance(trainer, MoCaTrainer):
+        trainer.log_skipped_rows()
     trainer.save_state()
     if before_save is not None:
         before_save(trainer)

@@ -11,9 +11,17 @@ folder is a plain MoCa embedding checkpoint (`AutoModel.from_pretrained(dir, tru
 the CPT heads; the Trainer's checkpoints add optimizer, scheduler and RNG states for resuming
 (`--resume_from_checkpoint DIR`, or `last` for the newest checkpoint in `--output_dir`).
 
+Data: rows `{"text", "images"}` (the layout of the release's CPT sets, `moca-embed/dclm_20b`, ...: `text` with
+`<|vision_start|><|image_pad|><|vision_end|>` markers, `images` a list of encoded images; paths are read under
+`--image_dir`). Every row is validated once before training; the rows skipped are counted by reason and the run
+ends with a `skipped rows: N` line.
+
 Micro-batches are built by `--token_budget` (equivalent tokens, padding included), not by a number of rows:
-`--per_device_train_batch_size` is refused; `--gradient_accumulation_steps` multiplies them as usual.
-Masks are drawn per row from `--seed`, so a resumed run sees the same masks as an uninterrupted one.
+`--per_device_train_batch_size` is refused; `--gradient_accumulation_steps` multiplies them as usual. A row's cost
+is what the collator keeps of it after truncation to `--max_length` (text tokens + 4 x image tokens).
+Masks are drawn afresh each epoch from (`--seed`, epoch, row), so a resumed run sees the same masks as an
+uninterrupted one; masked patches get one shared Gaussian vector per micro-batch (`--mae_noise shared`, the
+release) or a draw each (`--mae_noise per_patch`).
 """
 
 from moca.training.common import flag_given, parse_arguments, run
@@ -47,6 +55,7 @@ def main(argv: list[str] | None = None) -> CPTTrainer:
         max_length=args.max_length,
         shift_labels=args.shift_labels,
         seed=training_args.seed,
+        mae_noise=args.mae_noise,
     )
     trainer = CPTTrainer(
         model=model,
@@ -54,7 +63,7 @@ def main(argv: list[str] | None = None) -> CPTTrainer:
         train_dataset=dataset,
         data_collator=collator,
         token_budget=args.token_budget,
-        skipped_rows=dict(skipped),
+        skipped_rows=skipped,
         model_name_or_path=args.model_name_or_path,
     )
     return run(trainer, training_args)

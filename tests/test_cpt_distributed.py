@@ -24,7 +24,8 @@ out_dir = sys.argv[1]
 trainer = train_cpt.main(sys.argv[2:])
 rank = int(os.environ["RANK"])
 shard = trainer.get_train_dataloader().batch_sampler  # accelerate's per-process view of the budget sampler
-record = {{"mine": [list(b) for b in shard], "all": shard.batch_sampler.batches,
+# The loader's batches are (epoch, index) pairs (the epoch travels with each row to the collator).
+record = {{"mine": [[index for _, index in b] for b in shard], "all": shard.batch_sampler.batches,
           "steps": trainer.state.global_step, "logs": trainer.state.log_history}}
 with open(f"{{out_dir}}/rank{{rank}}.json", "w") as f:
     json.dump(record, f)

@@ -1,4 +1,5 @@
-"""Masking collator: ratios, what is never masked, alignment of pixel targets, determinism."""
+"""Masking collator: ratios, what is never masked, alignment of pixel targets, determinism per (seed, epoch, row),
+the MAE noise (one shared vector per micro-batch, or one per patch)."""
 
 import numpy as np
 import pytest
@@ -45,6 +46,7 @@ def test_image_mask_ratio_holds_per_merged_token():
     tokens_per_sample = [500] * 40
     pixel_values = torch.randn(4 * sum(tokens_per_sample), 12)
     generators = [torch.Generator().manual_seed(i) for i in range(40)]
+    # No noise generator: each masked patch gets its own noise (the per_patch mode).
     noisy, token_mask = mask_image_patches(pixel_values, tokens_per_sample, 4, 0.5, generators)
     # 20,000 draws: standard deviation 0.0035.
     assert abs(token_mask.float().mean().item() - 0.5) < 0.015
@@ -95,6 +97,86 @@ def test_merged_token_patches_are_consecutive_rows(processor):
     groups = pixel_values.view(6, 4, -1)
     assert torch.allclose(groups, groups[:, :1].expand_as(groups))
     assert not torch.allclose(groups[0, 0], groups[1, 0])
+
+
+def test_shared_noise_is_one_vector_drawn_from_the_noise_generator():
+    tokens_per_sample = [30, 50]
+    pixel_values = torch.randn(4 * 80, 12)
+    generators = [torch.Generator().manual_seed(i) for i in range(2)]
+    noisy, token_mask = mask_image_patches(
+        pixel_values, tokens_per_sample, 4, 0.5, generators, noise_generator=torch.Generator().manual_seed(9)
+    )
+    patch_mask = token_mask.repeat_interleave(4)
+    assert patch_mask.sum() > 100
+    # Every masked patch of both samples is exactly the generator's first draw; the others are untouched.
+    expected = torch.randn(12, generator=torch.Generator().manual_seed(9))
+    assert torch.equal(noisy[patch_mask], expected.expand(int(patch_mask.sum()), 12))
+    assert torch.equal(noisy[~patch_mask], pixel_values[~patch_mask])
+    # The token masks are the same draws as in the per-patch mode: only the noise differs.
+    _, per_patch_mask = mask_image_patches(
+        pixel_values, tokens_per_sample, 4, 0.5, [torch.Generator().manual_seed(i) for i in range(2)]
+    )
+    assert torch.equal(per_patch_mask, token_mask)
+
+
+@pytest.mark.parametrize("mae_noise", ["shared", "per_patch"])
+def test_collator_noise_modes(processor, rows, mae_noise):
+    image_rows = [row for row in rows if row["images"]][:6]
+    batch = CPTCollator(processor, image_mask_ratio=0.5, seed=0, mae_noise=mae_noise)(image_rows)
+    patch_mask = batch["image_token_mask"].repeat_interleave(4)
+    noise = batch["pixel_values"][patch_mask]
+    assert len(noise) > 40 and noise.shape[1] == 1176  # 3 channels x 2 frames x 14 x 14: the release's 1176
+    distinct = len(torch.unique(noise, dim=0))
+    if mae_noise == "shared":
+        # One vector of 1,176 standard Gaussian values for every masked patch of the micro-batch.
+        assert distinct == 1
+        # Mean of 1,176 draws: standard deviation 0.029; the standard deviation's: 0.021. Allow 4 of them.
+        assert abs(noise[0].mean().item()) < 0.12 and abs(noise[0].std().item() - 1) < 0.09
+    else:
+        assert distinct == len(noise)
+    # Pixels of unmasked patches stay the clean targets either way.
+    assert torch.equal(batch["pixel_values"][~patch_mask], batch["pixel_targets"][~patch_mask])
+
+
+def test_shared_noise_is_seeded_by_the_batch(processor, rows):
+    image_rows = [row for row in rows if row["images"]]
+
+    def noise_vector(batch_rows, seed=0):
+        batch = CPTCollator(processor, seed=seed)(batch_rows)
+        return batch["pixel_values"][batch["image_token_mask"].repeat_interleave(4)][0]
+
+    first = noise_vector(image_rows[:4])
+    assert torch.equal(noise_vector(image_rows[:4]), first)  # same rows, same epoch: same vector (exact resumes)
+    assert not torch.equal(noise_vector(image_rows[4:8]), first)
+    assert not torch.equal(noise_vector([dict(row, epoch=1) for row in image_rows[:4]]), first)
+    assert not torch.equal(noise_vector(image_rows[:4], seed=1), first)
+
+
+def test_masks_are_drawn_afresh_each_epoch_and_fixed_per_seed_epoch_and_row(processor, rows):
+    collator = CPTCollator(processor, text_mask_ratio=0.5, image_mask_ratio=0.5, seed=3)
+    epoch1 = [dict(row, epoch=1) for row in rows[:6]]
+    first, second = collator(rows[:6]), collator(epoch1)  # rows without an epoch count as epoch 0
+    # Every row gets another text mask in epoch 1 (about half of its maskable tokens move), and the images too.
+    for row in range(6):
+        assert not torch.equal(first["labels"][row], second["labels"][row]), row
+    assert not torch.equal(first["image_token_mask"], second["image_token_mask"])
+    # The same (seed, epoch, row) gives the same masks whatever the batch: row 2 of epoch 1 alone, and in
+    # another company.
+    for company in ([epoch1[2]], [dict(rows[9], epoch=1), epoch1[2], dict(rows[11], epoch=1)]):
+        batch = collator(company)
+        position = company.index(epoch1[2])
+        length = int(batch["attention_mask"][position].sum())
+        assert torch.equal(batch["labels"][position, :length], second["labels"][2, :length])
+    image_mask_of_row = visual_token_slices(second, processor)[2]
+    alone = collator([epoch1[2]])
+    assert torch.equal(alone["image_token_mask"], second["image_token_mask"][image_mask_of_row])
+
+
+def visual_token_slices(batch, processor) -> list[slice]:
+    """Each sample's range in `image_token_mask` (visual tokens in batch order)."""
+    counts = batch["input_ids"].eq(processor.image_token_id).sum(dim=1).tolist()
+    starts = [sum(counts[:i]) for i in range(len(counts))]
+    return [slice(start, start + count) for start, count in zip(starts, counts)]
 
 
 def test_deterministic_per_seed_and_row(processor, rows):

@@ -1,6 +1,9 @@
-"""train_cpt.py end to end on a tiny model: losses fall, checkpoints load as MoCa models, resuming is exact."""
+"""train_cpt.py end to end on a tiny model: losses fall, checkpoints load as MoCa models, resuming is exact, masks
+change each epoch, the skipped rows are counted at the end."""
 
 import json
+import logging
+from collections import Counter
 
 import pytest
 import torch
@@ -35,7 +38,7 @@ def full_run(tiny_vlm_dir, data, tmp_path_factory):
 def test_losses_are_finite_and_fall(full_run):
     trainer, _ = full_run
     logs = [entry for entry in trainer.state.log_history if "mlm_loss" in entry]
-    # Two budget batches per epoch and one log per epoch: every log sees the same samples and masks.
+    # Two budget batches per epoch and one log per epoch: every log sees the same samples (with fresh masks).
     assert len(trainer.get_train_dataloader()) == 2 and len(logs) == 3
     for name in ("mlm_loss", "mae_loss"):
         first, last = logs[0][name], logs[-1][name]
@@ -81,6 +84,40 @@ def test_resume_continues_at_the_right_step_and_matches(full_run, tiny_vlm_dir, 
         expected, actual = load_file(output_dir / name), load_file(tmp_path / name)
         for key, tensor in expected.items():
             torch.testing.assert_close(actual[key], tensor, rtol=1e-5, atol=1e-6, msg=f"{name}:{key}")
+
+
+def test_the_trainers_loader_draws_fresh_masks_each_epoch(full_run):
+    """Through the Trainer's own loader (sampler, epoch-tagged rows, collator): each batch gets other masks in
+    another epoch, and the same ones when the epoch comes again."""
+    trainer, _ = full_run
+    loader = trainer.get_train_dataloader()
+
+    def labels_by_batch(epoch):
+        loader.set_epoch(epoch)  # what the Trainer calls before each epoch
+        # A batch is known by its unmasked tokens: the labels hold what the masks hid (labels are not shifted).
+        batches = list(loader)
+        clean = [batch["labels"].where(batch["labels"].ne(-100), batch["input_ids"]) for batch in batches]
+        return {tuple(ids.flatten().tolist()): batch["labels"] for ids, batch in zip(clean, batches)}
+
+    epoch0, epoch1 = labels_by_batch(0), labels_by_batch(1)
+    assert len(epoch0) == 2 and epoch0.keys() == epoch1.keys()
+    for key, labels in epoch0.items():
+        assert not torch.equal(labels, epoch1[key])
+    again = labels_by_batch(0)
+    assert all(torch.equal(labels, again[key]) for key, labels in epoch0.items())
+
+
+def test_the_run_ends_with_the_skipped_rows_by_reason(tiny_vlm_dir, tmp_path, caplog):
+    rows = make_rows(6, seed=5) + [{"text": "", "images": []}]
+    data = write_jsonl(rows, tmp_path / "data")
+    with caplog.at_level(logging.WARNING, logger="moca.training.common"):
+        trainer = train_cpt.main(
+            arguments(tiny_vlm_dir, data, tmp_path / "run", "--max_steps", "1", "--save_strategy", "no")
+        )
+    lines = [record.getMessage() for record in caplog.records if record.name == "moca.training.common"]
+    assert lines[-2:] == ["skipped rows: 1", "  1 empty text"]
+    # Every process validated the whole data: its count is the run's, not to be summed over processes.
+    assert trainer.skipped_rows_by_reason() == Counter({"empty text": 1}) and not trainer.skips_counted_per_process
 
 
 def test_a_batch_size_flag_is_refused_not_ignored(tiny_vlm_dir, data, tmp_path):

@@ -1,10 +1,13 @@
 """Stage 1, modality-aware continual pre-training: the model with its MLM and MAE heads, row validation and
 cost, masking, budget batching, and the Trainer.
 
-Rows of every source (`moca.data.load_source`): `{"text": str, "images": [image, ...]}` where `<image>` in the
-text marks where each image goes and an image is encoded bytes, a file path, a `{"bytes", "path"}` dict (the
-`datasets` image storage) or a `PIL.Image.Image`. Text-only rows have no (or an empty) `images` list; a row with
-images but no placeholder gets its images first (caption style).
+Rows of every source (`moca.data.load_source`): `{"text": str, "images": [image, ...]}` where a placeholder in the
+text (`<image>`, or the backbone's own `<|vision_start|><|image_pad|><|vision_end|>`) marks where each image goes and
+an image is encoded bytes, a file path, a `{"bytes", "path"}` dict (the `datasets` image storage) or a
+`PIL.Image.Image`. Text-only rows have no (or an empty) `images` list; a row with images but no placeholder gets its
+images first (caption style). The release's CPT sets (`moca-embed/dclm_20b`, `moca-embed/pixelprose_*`,
+`moca-embed/docmatix`, ...) are in this layout: `text` with the backbone's markers and `images` a list of encoded
+image bytes (their cards: `PIL.Image.open(BytesIO(example["images"][0]))`); other columns are dropped on loading.
 
 `MoCaForContinualPretraining` lives here, not in the checkpoint's remote code: what it saves is a plain MoCa
 embedding checkpoint (plus `cpt_heads.safetensors`, read back only by this module to resume).
@@ -12,32 +15,34 @@ embedding checkpoint (plus `cpt_heads.safetensors`, read back only by this modul
 
 import json
 import logging
-import math
 from collections import Counter
 from dataclasses import dataclass, field
 
 import datasets
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.utils import ModelOutput, cached_file
 
 from ..data import absolute_image_paths, load_image, load_source, require_columns
 from ..modeling_moca import MoCaModel, MoCaPreTrainedModel
-from ..processing_moca import IMAGE_PLACEHOLDER, MoCaProcessor, count_image_placeholders
+# The processor's own placeholder pattern, so that the cost estimate expands images exactly as the collator does.
+from ..processing_moca import _PLACEHOLDER_PATTERN, IMAGE_PLACEHOLDER, MoCaProcessor, count_image_placeholders
 from .common import ModelDataArguments, MoCaTrainer, MoCaTrainingArguments, is_moca_checkpoint, torch_dtype
 
 logger = logging.getLogger(__name__)
 
 # A visual token goes through the vision tower and the language model: the release counts it as 4 text tokens.
 IMAGE_TOKEN_COST = 4
-# Tokens the processor adds around each image (<|vision_start|> and <|vision_end|>).
-IMAGE_WRAPPER_TOKENS = 2
+# How masked patches are noised: one Gaussian vector for every masked patch of a micro-batch (the release's
+# `torch.randn(1176)`), or an independent draw per patch.
+MAE_NOISE_MODES = ("shared", "per_patch")
 CPT_HEADS_FILE = "cpt_heads.safetensors"
 # Where the released scripts and the paper's text differ, the scripts are the default: MAE weight 0.1 (the paper's
 # best in its sweep: 0.5) and sequences of 1,280 tokens (the paper's CPT: 2,048).
@@ -368,9 +373,26 @@ def merged_image_tokens(image_processor, height: int, width: int) -> int:
     return num_patches // image_processor.merge_size**2
 
 
-def inspect_row(row: dict, tokenizer, image_processor, max_length: int) -> dict:
+def expanded_text(processor: MoCaProcessor, text: str, tokens_per_image: list[int]) -> str:
+    """The text the processor tokenizes: each placeholder replaced by `<|vision_start|>`, the image's
+    `<|image_pad|>` tokens and `<|vision_end|>`; images without placeholders go first (as `MoCaProcessor.__call__`)."""
+    if not count_image_placeholders(text) and tokens_per_image:
+        text = IMAGE_PLACEHOLDER * len(tokens_per_image) + text
+    pieces = _PLACEHOLDER_PATTERN.split(text)
+    out = pieces[0]
+    for num_tokens, piece in zip(tokens_per_image, pieces[1:]):
+        out += processor.vision_start_token + processor.image_token * num_tokens + processor.vision_end_token + piece
+    return out
+
+
+def inspect_row(row: dict, processor: MoCaProcessor, max_length: int) -> dict:
     """Length (tokens), cost (equivalent tokens) and, for a row that cannot be trained on, why (`skip_reason`,
-    the same for every row of the kind, and `skip_detail`)."""
+    the same for every row of the kind, and `skip_detail`).
+
+    Length and cost are those of what the collator keeps: the processor's truncation (`MoCaProcessor._truncate`)
+    keeps the tokens before the cut and only the images wholly before it, so the cost is the kept text tokens
+    plus 4 x the kept image tokens. Image token counts come from the image sizes; no pixels are processed.
+    """
     text = row["text"] or ""
     images = row["images"] or []
     result = {"length": 0, "cost": 0, "skip_reason": "", "skip_detail": ""}
@@ -382,26 +404,26 @@ def inspect_row(row: dict, tokenizer, image_processor, max_length: int) -> dict:
         result["skip_reason"] = f"{placeholders} image placeholders but {len(images)} images"
         return result
 
-    image_tokens = 0
+    tokens_per_image = []
     for position, image in enumerate(images):
         try:
             width, height = load_image(image).size
-            image_tokens += merged_image_tokens(image_processor, height, width)
+            tokens_per_image.append(merged_image_tokens(processor.image_processor, height, width))
         except Exception as error:  # any decoding or size error makes the row unusable, whatever its kind
             result["skip_reason"] = f"image {position} unreadable"
             result["skip_detail"] = f"{type(error).__name__}: {error}"
             return result
 
-    text_tokens = len(tokenizer(text.replace(IMAGE_PLACEHOLDER, ""), add_special_tokens=True)["input_ids"])
-    text_tokens += IMAGE_WRAPPER_TOKENS * len(images)
-    length = text_tokens + image_tokens
-    cost = text_tokens + IMAGE_TOKEN_COST * image_tokens
-    if length > max_length:
-        # The processor cuts the text (and drops whole any image past the cut): scale the cost alike.
-        cost = math.ceil(cost * max_length / length)
-        length = max_length
-    result["length"] = length
-    result["cost"] = cost
+    ids = processor.tokenizer(expanded_text(processor, text, tokens_per_image), add_special_tokens=True)["input_ids"]
+    (kept,), keep_image = processor._truncate([ids], max_length)
+    if not kept:
+        # The cut moved before a first image longer than max_length: the sample would be all padding.
+        result["skip_reason"] = "first image longer than max_length"
+        result["skip_detail"] = f"{tokens_per_image[0]} image tokens, max_length {max_length}"
+        return result
+    kept_image_tokens = sum(tokens for tokens, keep in zip(tokens_per_image, keep_image) if keep)
+    result["length"] = len(kept)
+    result["cost"] = len(kept) - kept_image_tokens + IMAGE_TOKEN_COST * kept_image_tokens
     return result
 
 
@@ -409,13 +431,13 @@ def prepare_cpt_dataset(dataset: datasets.Dataset, processor, max_length: int, n
     """Validate every row once, before training: returns `(dataset, skipped)` where `dataset` keeps the good
     rows with their `length`, `cost` and original `row_id`, and `skipped` counts the bad rows by reason.
 
-    Bad rows (unreadable image, placeholder/image count mismatch, empty text) are skipped with one warning per
-    reason, so that one broken sample never stops a long run.
+    Bad rows (unreadable image, placeholder/image count mismatch, empty text, a first image longer than
+    `max_length`) are skipped with one warning per reason, so that one broken sample never stops a long run.
     """
     dataset = dataset.add_column("row_id", list(range(len(dataset))))
-    parts = dict(tokenizer=processor.tokenizer, image_processor=processor.image_processor)
     dataset = dataset.map(
-        inspect_row, fn_kwargs=dict(parts, max_length=max_length), num_proc=num_proc, desc="Validating rows"
+        inspect_row, fn_kwargs=dict(processor=processor, max_length=max_length), num_proc=num_proc,
+        desc="Validating rows",
     )
     reasons = dataset["skip_reason"]
     skipped = Counter(reason for reason in reasons if reason)
@@ -488,12 +510,15 @@ def mask_image_patches(
     patches_per_token: int,
     mask_ratio: float,
     generators: list[torch.Generator],
+    noise_generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask each merged visual token with probability `mask_ratio`: its raw patches (`patches_per_token`
     consecutive rows of `pixel_values`, the order of the Qwen-VL image processors) become Gaussian noise.
 
-    `tokens_per_sample[i]` is the number of merged tokens of sample i's images, in `pixel_values` order.
-    Returns `(noisy_pixel_values, token_mask)` with `token_mask` a bool vector over all merged tokens.
+    `tokens_per_sample[i]` is the number of merged tokens of sample i's images, in `pixel_values` order; sample
+    i's mask is drawn from `generators[i]`. With `noise_generator`, one noise vector drawn from it replaces every
+    masked patch of the batch (the release); without, each masked patch gets its own draw from its sample's
+    generator. Returns `(noisy_pixel_values, token_mask)` with `token_mask` a bool vector over all merged tokens.
     """
     token_masks, noisy_chunks = [], []
     patch_start = 0
@@ -501,14 +526,30 @@ def mask_image_patches(
         token_mask = torch.rand(num_tokens, generator=generator) < mask_ratio
         patch_mask = token_mask.repeat_interleave(patches_per_token)
         patches = pixel_values[patch_start : patch_start + len(patch_mask)].clone()
-        noise = torch.randn(int(patch_mask.sum()), patches.shape[1], generator=generator)
-        patches[patch_mask] = noise.to(patches.dtype)
+        if noise_generator is None:
+            noise = torch.randn(int(patch_mask.sum()), patches.shape[1], generator=generator)
+            patches[patch_mask] = noise.to(patches.dtype)
         token_masks.append(token_mask)
         noisy_chunks.append(patches)
         patch_start += len(patch_mask)
     if patch_start != len(pixel_values):
         raise ValueError(f"{patch_start} patches expected from the image grids, pixel_values has {len(pixel_values)}.")
-    return torch.cat(noisy_chunks), torch.cat(token_masks)
+    noisy, token_mask = torch.cat(noisy_chunks), torch.cat(token_masks)
+    if noise_generator is not None:
+        noise = torch.randn(pixel_values.shape[1], generator=noise_generator)
+        noisy[token_mask.repeat_interleave(patches_per_token)] = noise.to(noisy.dtype)
+    return noisy, token_mask
+
+
+# Streams of `seeded_generator`: a row's masks and a batch's shared noise never draw from the same seed.
+_MASK_STREAM, _NOISE_STREAM = 0, 1
+
+
+def seeded_generator(*numbers: int) -> torch.Generator:
+    """A generator seeded by a hash of the non-negative integers `numbers` (numpy's `SeedSequence`), so that
+    neighbouring tuples such as `(seed, epoch, row)` and `(seed, epoch + 1, row)` give unrelated draws."""
+    high, low = np.random.SeedSequence(list(numbers)).generate_state(2, dtype=np.uint32).tolist()
+    return torch.Generator().manual_seed(high << 32 | low)
 
 
 class CPTCollator:
@@ -519,15 +560,20 @@ class CPTCollator:
     by Gaussian noise), `image_grid_thw`, `pixel_targets` (the clean processor-normalised pixels) and
     `image_token_mask` (which merged visual tokens were masked). A text-only batch carries no image tensors.
 
-    Masks are drawn from a generator seeded by `(seed, row_id)`, so a sample's mask is the same whatever the
-    batch it lands in, the number of dataloader workers or a resumption.
+    A row's masks are drawn afresh each epoch, from a generator seeded by `(seed, epoch, row_id)`: the same
+    whatever the batch the row lands in, the number of dataloader workers or a resumption. Rows carry their
+    `epoch` when they come through `EpochRows` (the Trainer's loader); a row without one counts as epoch 0.
+    `mae_noise="shared"` (the release) noises every masked patch of a batch with one Gaussian vector, drawn from a
+    generator seeded by the seed and the batch's `(epoch, row_id)`s; `"per_patch"` draws each patch's noise apart.
     """
 
     def __init__(self, processor, text_mask_ratio: float = 0.4, image_mask_ratio: float = 0.5,
-                 max_length: int = 2048, shift_labels: bool = False, seed: int = 0):
+                 max_length: int = 2048, shift_labels: bool = False, seed: int = 0, mae_noise: str = "shared"):
         for name, ratio in (("text_mask_ratio", text_mask_ratio), ("image_mask_ratio", image_mask_ratio)):
             if not 0 <= ratio <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {ratio}.")
+        if mae_noise not in MAE_NOISE_MODES:
+            raise ValueError(f"mae_noise must be one of {MAE_NOISE_MODES}, got {mae_noise!r}.")
         if processor.mask_token_id is None:
             raise ValueError("The processor's tokenizer has no <|mask|> token.")
         self.processor = processor
@@ -536,6 +582,7 @@ class CPTCollator:
         self.max_length = max_length
         self.shift_labels = shift_labels
         self.seed = seed
+        self.mae_noise = mae_noise
         self.never_masked = torch.tensor(never_masked_token_ids(processor))
         self.patches_per_token = processor.image_processor.merge_size**2
 
@@ -555,7 +602,8 @@ class CPTCollator:
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
         mm_token_type_ids = batch["mm_token_type_ids"]
 
-        generators = [torch.Generator().manual_seed(self.seed * 1_000_003 + row["row_id"]) for row in rows]
+        keys = [(row.get("epoch", 0), row["row_id"]) for row in rows]
+        generators = [seeded_generator(_MASK_STREAM, self.seed, epoch, row_id) for epoch, row_id in keys]
         maskable = attention_mask.bool() & mm_token_type_ids.eq(0) & ~torch.isin(input_ids, self.never_masked)
         masked_ids, labels = mask_text_tokens(
             input_ids, maskable, self.text_mask_ratio, self.processor.mask_token_id, generators, self.shift_labels
@@ -569,8 +617,12 @@ class CPTCollator:
         if "pixel_values" in batch:
             # Merged visual tokens of each sample, in `pixel_values` order: counted after truncation.
             tokens_per_sample = mm_token_type_ids.eq(1).sum(dim=1).tolist()
+            noise_generator = None
+            if self.mae_noise == "shared":
+                noise_generator = seeded_generator(_NOISE_STREAM, self.seed, *(n for key in keys for n in key))
             noisy_pixels, image_token_mask = mask_image_patches(
-                batch["pixel_values"], tokens_per_sample, self.patches_per_token, self.image_mask_ratio, generators
+                batch["pixel_values"], tokens_per_sample, self.patches_per_token, self.image_mask_ratio, generators,
+                noise_generator,
             )
             features.update(
                 pixel_values=noisy_pixels,
@@ -598,9 +650,13 @@ class BudgetBatchSampler(Sampler[list[int]]):
     Written here because the samplers of transformers fix the number of samples per batch, not their cost.
     Under several processes, accelerate hands out whole batches round-robin and repeats the first ones so that
     every process runs the same number of steps.
+
+    With `tag_epoch`, a batch is a list of `(epoch, index)` pairs rather than indices: the epoch then travels with
+    each index to the dataloader workers (see `EpochRows`), which hold copies made whenever they started.
     """
 
-    def __init__(self, lengths: list[int], costs: list[int], token_budget: int, seed: int = 0, shuffle: bool = True):
+    def __init__(self, lengths: list[int], costs: list[int], token_budget: int, seed: int = 0, shuffle: bool = True,
+                 tag_epoch: bool = False):
         # Plain lists: indexing a `datasets` column element by element costs a table lookup each time.
         lengths, costs = list(lengths), list(costs)
         if len(lengths) != len(costs):
@@ -610,6 +666,7 @@ class BudgetBatchSampler(Sampler[list[int]]):
         self.token_budget = token_budget
         self.seed = seed
         self.shuffle = shuffle
+        self.tag_epoch = tag_epoch
         self.epoch = 0
         self.batches = self._pack(lengths, costs)
         oversized = sum(1 for batch in self.batches if len(batch) == 1 and costs[batch[0]] > token_budget)
@@ -643,12 +700,42 @@ class BudgetBatchSampler(Sampler[list[int]]):
         return len(self.batches)
 
     def __iter__(self):
-        if not self.shuffle:
-            yield from self.batches
-            return
-        generator = torch.Generator().manual_seed(self.seed + 1 + self.epoch)
-        for position in torch.randperm(len(self.batches), generator=generator).tolist():
-            yield self.batches[position]
+        epoch = self.epoch  # read once: the epoch of this pass, whatever set_epoch does meanwhile
+        order = range(len(self.batches))
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + 1 + epoch)
+            order = torch.randperm(len(self.batches), generator=generator).tolist()
+        for position in order:
+            batch = self.batches[position]
+            yield [(epoch, index) for index in batch] if self.tag_epoch else batch
+
+
+class EpochRows(Dataset):
+    """The rows of `dataset` looked up by the `(epoch, index)` pairs of `batch_sampler` (a `BudgetBatchSampler`
+    with `tag_epoch`), each row given its `epoch`, from which the collator seeds its masks.
+
+    `set_epoch` forwards to the sampler: accelerate calls it on the batch sampler or on the dataset depending on
+    how it wrapped them (a resumed run of several processes wraps the sampler twice and reaches only the dataset).
+    """
+
+    def __init__(self, dataset: datasets.Dataset, batch_sampler: BudgetBatchSampler):
+        self.dataset = dataset
+        self.batch_sampler = batch_sampler
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batch_sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        epoch, index = key
+        return dict(self.dataset[index], epoch=epoch)
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list[dict]:
+        # One table lookup for the whole batch (the DataLoader's fetcher prefers this to one __getitem__ per row).
+        rows = self.dataset.__getitems__([index for _, index in keys])
+        return [dict(row, epoch=epoch) for row, (epoch, _) in zip(rows, keys)]
 
 
 def padding_fraction(batches: list[list[int]], lengths: list[int]) -> float:
@@ -679,6 +766,14 @@ class CPTArguments(ModelDataArguments):
         metadata={"help": "Predict a masked token from the position before it (the paper's text); the original "
                           "release does not shift (default)."},
     )
+    mae_noise: str = field(
+        default="shared",
+        metadata={
+            "help": "Noise of masked patches: shared (the release: one Gaussian vector for every masked patch of a "
+                    "micro-batch) or per_patch (an independent draw per patch).",
+            "choices": list(MAE_NOISE_MODES),
+        },
+    )
     token_budget: int = field(
         default=12800,
         metadata={"help": "Equivalent tokens per micro-batch (an image token counts as 4 text tokens, padding as 1)."},
@@ -707,20 +802,35 @@ class CPTTrainer(MoCaTrainer):
     """Trainer with token-budget batches, MLM and MAE losses logged apart, and MoCa checkpoints."""
 
     card_tags = ("continual-pretraining",)
+    # The skipped rows are those of the validation before training, which every process runs on the whole data.
+    skips_counted_per_process = False
 
-    def __init__(self, *args, token_budget: int, skipped_rows: dict | None = None, **kwargs):
+    def __init__(self, *args, token_budget: int, skipped_rows: Counter | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.token_budget = token_budget
-        self.skipped_rows = skipped_rows or {}
+        self.skipped_rows = Counter(skipped_rows or {})
+        self._skipped_rows_logged = False
         # Summed loss parts and the number of micro-batches that had them, since the last log.
         self._loss_parts = torch.zeros(4, device=self.args.device)
 
+    def skipped_rows_by_reason(self) -> Counter:
+        return Counter(self.skipped_rows)
+
     def get_train_dataloader(self) -> DataLoader:
-        dataset = self.train_dataset
-        sampler = BudgetBatchSampler(dataset["length"], dataset["cost"], self.token_budget, seed=self.data_seed)
-        # No worker seeding: the collator draws its masks from per-row generators, not from global RNG.
+        rows = self.train_dataset
+        sampler = BudgetBatchSampler(
+            rows["length"], rows["cost"], self.token_budget, seed=self.data_seed, tag_epoch=True
+        )
+        # `batch_sampler_dataloader` loads from `self.train_dataset`: lend it the epoch-tagged view for this call only,
+        # so that the Trainer's dataset stays the validated rows (and this method can be called again).
+        self.train_dataset = EpochRows(rows, sampler)
+        try:
+            # No worker seeding: the collator draws its masks from seeded generators, not from global RNG.
+            loader = self.batch_sampler_dataloader(sampler, seed_workers=False)
+        finally:
+            self.train_dataset = rows
         # accelerate gives each process whole micro-batches (round-robin) and the same number of them.
-        return self.accelerator.prepare(self.batch_sampler_dataloader(sampler, seed_workers=False))
+        return self.accelerator.prepare(loader)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)
@@ -739,9 +849,9 @@ class CPTTrainer(MoCaTrainer):
             for slot, name in enumerate(("mlm_loss", "mae_loss")):
                 if totals[2 * slot + 1]:
                     logs[name] = round(totals[2 * slot] / totals[2 * slot + 1], 4)
-            if self.skipped_rows is not None:
+            if not self._skipped_rows_logged:
                 logs["skipped_rows"] = sum(self.skipped_rows.values())
-                self.skipped_rows = None  # logged once: it does not change during training
+                self._skipped_rows_logged = True  # logged once: it does not change during training
         super().log(logs, start_time)
 
     def card_model(self):

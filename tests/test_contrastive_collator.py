@@ -51,8 +51,9 @@ def image_task():
 
 def test_rows_without_query_or_positive_are_dropped_with_a_counted_warning(caplog):
     with caplog.at_level(logging.WARNING, logger="moca.contrastive"):
-        kept = drop_rows_without_positive(text_task(), "pairs")
+        kept, skipped = drop_rows_without_positive(text_task(), "pairs")
     assert kept["query_text"] == ["a red square", "a green star"]
+    assert skipped == {"pairs: no pos_text/pos_image": 1, "pairs: no query_text/query_image": 1}
     assert "task 'pairs': skipped 2 of 4 rows" in caplog.text
     assert "row 1: no pos_text/pos_image" in caplog.text
     assert "row 3: no query_text/query_image" in caplog.text
@@ -63,22 +64,60 @@ def test_a_task_without_positive_column_is_an_error():
         drop_rows_without_positive(datasets.Dataset.from_list([{"query_text": "q"}]), "queries")
 
 
-def test_collator_builds_queries_positives_and_hard_negatives(processor):
-    tasks = [TaskSpec("pairs", drop_rows_without_positive(text_task(), "pairs"), query_prompt="Query: {text}")]
+def decoded(processor, chunk):
+    return [text.strip() for text in processor.batch_decode(chunk["input_ids"], skip_special_tokens=True)]
+
+
+def test_collator_builds_queries_positives_and_the_first_hard_negatives(processor):
+    tasks = [TaskSpec("pairs", drop_rows_without_positive(text_task(), "pairs")[0], query_prompt="Query: {text}")]
     dataset = MultiTaskDataset(tasks)
     collator = ContrastiveCollator(processor, tasks, num_hard_negatives=2)
     batch = collator([dataset[0], dataset[1]])
-    assert batch["num_queries"] == 2
+    assert batch["num_queries"] == 2 and batch["skipped_rows"] == {}
     (chunk,) = batch["chunks"]
-    # 2 queries + 2 positives + 2 hard negatives (row 0 has 3, capped at 2; row 1 has none).
-    assert chunk["input_ids"].shape[0] == 6
     assert "pixel_values" not in chunk and "image_grid_thw" not in chunk
-    texts = processor.batch_decode(chunk["input_ids"], skip_special_tokens=True)
-    assert texts[0].strip() == "Query: a red square" and texts[2].strip() == "red square"
-    assert all(text.strip() in {"blue square", "red circle", "green"} for text in texts[4:])
+    # 2 queries, 2 positives, then row 0's first 2 of its 3 negatives (the release's choice); row 1 has none.
+    assert decoded(processor, chunk) == ["Query: a red square", "Query: a green star", "red square", "green star",
+                                         "blue square", "red circle"]  # fmt: skip
+    assert batch["negatives_per_query"] == [2, 0]
 
     chunked = ContrastiveCollator(processor, tasks, num_hard_negatives=2, chunk_size=4)([dataset[0], dataset[1]])
     assert [c["input_ids"].shape[0] for c in chunked["chunks"]] == [4, 2]
+
+
+def test_a_short_negative_list_is_padded_with_its_last_as_the_release_does(processor):
+    rows = [
+        {"query_text": "q0", "pos_text": "p0", "neg_text": ["n00"]},
+        {"query_text": "q1", "pos_text": "p1", "neg_text": ["n10", "", "n12"]},  # the empty one is no negative
+        {"query_text": "q2", "pos_text": "p2", "neg_text": ["n20", "n21", "n22", "n23"]},
+    ]
+    tasks = [TaskSpec("pairs", datasets.Dataset.from_list(rows))]
+    dataset = MultiTaskDataset(tasks)
+    batch = ContrastiveCollator(processor, tasks, num_hard_negatives=3)([dataset[i] for i in range(3)])
+    assert decoded(processor, batch["chunks"][0])[6:] == ["n00", "n00", "n00", "n10", "n12", "n12", "n20", "n21", "n22"]
+    assert batch["negatives_per_query"] == [3, 3, 3]
+
+
+def test_random_selection_is_seeded_by_seed_epoch_task_and_row(processor):
+    negatives = [f"n{i}" for i in range(8)]
+    rows = [{"query_text": f"q{r}", "pos_text": f"p{r}", "neg_text": negatives} for r in range(6)]
+    tasks = [TaskSpec("pairs", datasets.Dataset.from_list(rows))]
+    dataset = MultiTaskDataset(tasks)
+
+    def drawn(seed, epoch, order=range(6)):
+        collator = ContrastiveCollator(processor, tasks, num_hard_negatives=2, negative_selection="random", seed=seed)
+        texts = decoded(processor, collator([dataset[(i, epoch)] for i in order])["chunks"][0])[12:]
+        pairs = [tuple(texts[2 * k : 2 * k + 2]) for k in range(6)]
+        return dict(zip(order, pairs))
+
+    first = drawn(0, 0)
+    assert all(len(set(pair)) == 2 and set(pair) <= set(negatives) for pair in first.values())
+    assert drawn(0, 0, order=[5, 3, 1, 0, 2, 4]) == first  # a row's draw does not depend on its batch
+    assert drawn(0, 1) != first and drawn(1, 0) != first  # another epoch or seed draws again
+    assert len(set(first.values())) > 1  # rows draw independently
+    # A row with fewer negatives than asked gives all of them, unpadded.
+    short = ContrastiveCollator(processor, tasks, num_hard_negatives=20, negative_selection="random")
+    assert short([dataset[0]])["negatives_per_query"] == [8]
 
 
 def test_unreadable_image_row_is_skipped_with_a_counted_warning(processor, caplog):
@@ -87,15 +126,16 @@ def test_unreadable_image_row_is_skipped_with_a_counted_warning(processor, caplo
     collator = ContrastiveCollator(processor, tasks, num_hard_negatives=2)
     with caplog.at_level(logging.WARNING, logger="moca.contrastive"):
         batch = collator([dataset[i] for i in range(3)])
-    assert collator.skipped_rows == {"images": 1}
+    assert batch["skipped_rows"] == {"images: unreadable pos_image": 1}
     assert "skipped row 1 of task 'images': unreadable pos_image" in caplog.text
-    assert batch["num_queries"] == 2
+    # Row 0's one image negative, padded to two (the release pads a short list with its last).
+    assert batch["num_queries"] == 2 and batch["negatives_per_query"] == [2, 0]
     (chunk,) = batch["chunks"]
-    # 2 text queries, 2 image positives, 1 image negative: three images in the batch.
-    assert chunk["input_ids"].shape[0] == 5
-    assert chunk["image_grid_thw"].shape[0] == 3
+    # 2 text queries, 2 image positives, 2 image negatives: four images in the batch.
+    assert chunk["input_ids"].shape[0] == 6
+    assert chunk["image_grid_thw"].shape[0] == 4
     image_rows = (chunk["input_ids"] == processor.image_token_id).any(dim=1)
-    assert image_rows.tolist() == [False, False, True, True, True]
+    assert image_rows.tolist() == [False, False, True, True, True, True]
 
 
 def test_a_batch_of_only_bad_rows_is_an_error(processor):

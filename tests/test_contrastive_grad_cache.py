@@ -1,5 +1,6 @@
 import contextlib
 
+import pytest
 import torch
 from torch import nn
 
@@ -41,14 +42,19 @@ def grads(model):
 ATOL, RTOL = 1e-5, 1e-4
 
 
-def test_grad_cache_equals_full_batch_loss_and_gradients():
+# Rows with 0 to 3 hard negatives (20 in all), as a batch where some rows have short lists.
+UNEVEN_NEGATIVES = [2, 2, 1, 0, 3, 2, 2, 2, 3, 3]
+
+
+@pytest.mark.parametrize("negatives", ["own", "batch"])
+def test_grad_cache_equals_full_batch_loss_and_gradients(negatives):
     torch.manual_seed(0)
     model = TinyEncoder()
     generator = torch.Generator().manual_seed(1)
-    queries, documents = make_batch(10, generator), make_batch(30, generator)  # 2 hard negatives per query
+    queries, documents = make_batch(10, generator), make_batch(30, generator)
 
     def loss_fn(q, d):
-        return contrastive_loss(q, d, temperature=0.05)
+        return contrastive_loss(q, d, temperature=0.05, negatives_per_query=UNEVEN_NEGATIVES, negatives=negatives)
 
     reference = loss_fn(model(**queries), model(**documents))
     reference.backward()

@@ -1,6 +1,7 @@
 from collections import Counter
 from itertools import chain
 
+import datasets
 import pytest
 
 from moca.training.contrastive import TaskBatchSampler
@@ -22,7 +23,9 @@ def global_batches(world_size, epoch=0, **kwargs):
         sampler.set_epoch(epoch)
     per_rank = [list(sampler) for sampler in samplers]
     assert len({len(batches) for batches in per_rank}) == 1 and len(per_rank[0]) == len(samplers[0])
-    return [list(chain(*step)) for step in zip(*per_rank)]
+    # Every index comes with the epoch it was drawn for (what the collator seeds per-row draws with).
+    assert {e for batches in per_rank for batch in batches for _, e in batch} == {epoch}
+    return [[index for index, _ in chain(*step)] for step in zip(*per_rank)]
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 4])
@@ -70,18 +73,28 @@ def test_accelerate_keeps_each_process_slice_and_forwards_set_epoch():
     from accelerate.data_loader import prepare_data_loader, skip_first_batches
     from torch.utils.data import DataLoader
 
-    from moca.training.contrastive import keep_rank_slices
+    from moca.training.contrastive import MultiTaskDataset, TaskSpec, keep_rank_slices
 
     sampler = TaskBatchSampler(TASK_SIZES, 8, num_replicas=2, rank=1, seed=3)
-    dataloader = DataLoader(list(range(sum(TASK_SIZES))), batch_sampler=sampler, collate_fn=list)
+    tasks = [TaskSpec(f"t{t}", datasets.Dataset.from_dict({"x": list(range(size))})) for t, size in enumerate(TASK_SIZES)]
+
+    def collate(items):  # the global index and the epoch of every row, as the collator sees them
+        return [(OFFSETS[item["task"]] + item["row"], item["epoch"]) for item in items]
+
+    dataloader = DataLoader(MultiTaskDataset(tasks), batch_sampler=sampler, collate_fn=collate)
     prepared = prepare_data_loader(dataloader, num_processes=2, process_index=1, put_on_device=False)
     assert [batch for batch in prepared] != list(sampler)  # re-sharded as accelerate does by default
     prepared = keep_rank_slices(prepared, sampler)
     assert [batch for batch in prepared] == list(sampler)
     assert len(prepared) == len(sampler)
-    # The Trainer sets the epoch through the dataloader, and on resuming through `skip_first_batches`' wrapper.
+
+    def with_epoch(batches, epoch):
+        return [[(index, epoch) for index in batch[4:]] for batch in batches]
+
+    # The Trainer sets the epoch through the dataloader, and on resuming through `skip_first_batches`' wrapper; the
+    # rows reach the collator with that epoch.
     prepared.set_epoch(5)
-    assert [batch for batch in prepared] == [batch[4:] for batch in global_batches(2, epoch=5)]
+    assert [batch for batch in prepared] == with_epoch(global_batches(2, epoch=5), 5)
     resumed = skip_first_batches(prepared, 2)
     resumed.batch_sampler.batch_sampler.set_epoch(6)  # what `Trainer._inner_training_loop` does
-    assert [batch for batch in resumed] == [batch[4:] for batch in global_batches(2, epoch=6)][2:]
+    assert [batch for batch in resumed] == with_epoch(global_batches(2, epoch=6), 6)[2:]

@@ -1,11 +1,12 @@
 """Stage 2, heterogeneous contrastive fine-tuning: pieces each usable and tested on their own, and the Trainer.
 
-- `contrastive_loss`: InfoNCE on cosine similarity, in-batch and hard negatives, gathered across processes.
+- `contrastive_loss`: InfoNCE on cosine similarity, in-batch and hard negatives (each query's own, as the release, or
+  all of the batch's), gathered across processes.
 - `grad_cache_loss`: GradCache (arXiv 2101.06983) inside the loss, exact in loss and gradients; the Trainer's
   own `training_step` and backward stay stock.
 - `TaskBatchSampler`: every global batch from one task; tasks visited in proportion to size or weight.
 - `load_tasks`, `MultiTaskDataset`, `drop_rows_without_positive`, `ContrastiveCollator`: rows of several tasks ->
-  model inputs.
+  model inputs (the package's layout, or the release's, read by `moca.data.release_pairs_to_rows`).
 - `ContrastiveArguments`, `load_contrastive_model`, `ContrastiveTrainer`: what `train_contrastive.py` puts together.
 """
 
@@ -29,7 +30,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from ..data import absolute_image_paths, load_image, load_source
+from ..data import (
+    absolute_image_paths, is_release_pairs, load_image, load_source, release_pairs_to_rows, subset_source,
+)  # fmt: skip
 from ..modeling_moca import MoCaModel
 from ..processing_moca import format_prompt
 from .common import ModelDataArguments, MoCaTrainer, MoCaTrainingArguments, hub_id, is_moca_checkpoint, torch_dtype
@@ -72,15 +75,25 @@ def gather_with_grad(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def info_nce(
-    query_embeddings: torch.Tensor, document_embeddings: torch.Tensor, positive_index: torch.Tensor, temperature: float
+    query_embeddings: torch.Tensor,
+    document_embeddings: torch.Tensor,
+    positive_index: torch.Tensor,
+    temperature: float,
+    candidates: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Sum over queries of -log softmax(cos(q, d) / temperature)[positive]."""
+    """Sum over queries of -log softmax(cos(q, d) / temperature)[positive], the softmax over the documents that
+    `candidates` (a queries x documents mask) marks for each query, or over all documents."""
     queries = F.normalize(query_embeddings, dim=-1)
     documents = F.normalize(document_embeddings, dim=-1)
     logits = queries @ documents.T / temperature
     # Softmax in at least fp32: bf16 logits at temperature 0.03 lose the differences that matter.
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if candidates is not None:
+        logits = logits.masked_fill(~candidates, float("-inf"))
     return F.cross_entropy(logits, positive_index, reduction="sum")
+
+
+NEGATIVE_SCORING = ("own", "batch")
 
 
 def contrastive_loss(
@@ -88,12 +101,19 @@ def contrastive_loss(
     document_embeddings: torch.Tensor,
     temperature: float = 0.03,
     matryoshka_dims: Sequence[int] | None = None,
+    negatives_per_query: Sequence[int] | None = None,
+    negatives: str = "own",
 ) -> torch.Tensor:
-    """InfoNCE of the local queries against every document of every process.
+    """InfoNCE of the local queries against the positives of every process and hard negatives.
 
     `document_embeddings` holds this process's positives first (row i is the positive of query i), then its hard
-    negatives. Each query is scored against all documents of the global batch: its positive, every other query's
-    positive (in-batch negatives) and every hard negative.
+    negatives, grouped by query: `negatives_per_query[i]` of them belong to query i (default: an equal share each).
+
+    - `negatives="own"` (the release, `src/model.py: MMEBModel.forward`): each query is scored against every
+      positive of the global batch (its own and the in-batch negatives) and only its own hard negatives. Positives
+      are gathered across processes; hard negatives stay on their process, as only their own query sees them.
+    - `negatives="batch"`: each query is scored against every document of the global batch, every hard negative
+      included; all documents are gathered.
 
     Across processes the returned value is `world_size / global_queries` times the sum over *local* queries (the
     local mean when ranks hold equal shares). Its backward, through the summing gather, gives each rank
@@ -103,22 +123,60 @@ def contrastive_loss(
 
     With `matryoshka_dims`, the loss is the mean of the losses at each truncated (and re-normalised) dimension.
     """
+    if negatives not in NEGATIVE_SCORING:
+        raise ValueError(f"negatives={negatives!r}: use one of {NEGATIVE_SCORING}")
     num_queries = query_embeddings.shape[0]
-    if document_embeddings.shape[0] < num_queries:
+    num_negatives = document_embeddings.shape[0] - num_queries
+    if num_negatives < 0:
         raise ValueError(
             f"{num_queries} queries but only {document_embeddings.shape[0]} documents: every query needs its positive"
         )
-    all_documents, offset = gather_with_grad(document_embeddings)
-    positive_index = torch.arange(offset, offset + num_queries, device=query_embeddings.device)
+    device = query_embeddings.device
+    candidates = None
+    if negatives == "batch":
+        documents, offset = gather_with_grad(document_embeddings)
+    else:
+        positives, offset = gather_with_grad(document_embeddings[:num_queries])
+        documents = torch.cat([positives, document_embeddings[num_queries:]])
+        owner = torch.arange(num_queries, device=device).repeat_interleave(
+            _negative_counts(negatives_per_query, num_queries, num_negatives, device)
+        )
+        candidates = torch.cat(
+            [
+                torch.ones(num_queries, positives.shape[0], dtype=torch.bool, device=device),
+                owner[None, :] == torch.arange(num_queries, device=device)[:, None],
+            ],
+            dim=1,
+        )
+    positive_index = torch.arange(offset, offset + num_queries, device=device)
     world_size, global_queries = 1, num_queries
     if _is_distributed():
         world_size = dist.get_world_size()
-        count = torch.tensor([num_queries], device=query_embeddings.device)
+        count = torch.tensor([num_queries], device=device)
         dist.all_reduce(count)
         global_queries = int(count)
     dims = matryoshka_dims or [query_embeddings.shape[-1]]
-    losses = [info_nce(query_embeddings[:, :dim], all_documents[:, :dim], positive_index, temperature) for dim in dims]
+    losses = [
+        info_nce(query_embeddings[:, :dim], documents[:, :dim], positive_index, temperature, candidates) for dim in dims
+    ]
     return torch.stack(losses).mean() * world_size / global_queries
+
+
+def _negative_counts(
+    negatives_per_query: Sequence[int] | None, num_queries: int, num_negatives: int, device
+) -> torch.Tensor:
+    if negatives_per_query is None:
+        if num_negatives % num_queries:
+            raise ValueError(
+                f"{num_negatives} hard negatives do not split evenly over {num_queries} queries: pass negatives_per_query"
+            )
+        negatives_per_query = [num_negatives // num_queries] * num_queries
+    if len(negatives_per_query) != num_queries or sum(negatives_per_query) != num_negatives:
+        raise ValueError(
+            f"negatives_per_query lists {len(negatives_per_query)} queries and {sum(negatives_per_query)} hard negatives; "
+            f"the batch has {num_queries} queries and {num_negatives} hard negatives"
+        )
+    return torch.tensor(list(negatives_per_query), dtype=torch.long, device=device)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -196,11 +254,13 @@ def grad_cache_loss(
 # Task-aware batching
 
 
-class TaskBatchSampler(torch.utils.data.Sampler[list[int]]):
-    """Batches of indices into a concatenation of tasks, every global batch drawn from a single task.
+class TaskBatchSampler(torch.utils.data.Sampler[list[tuple[int, int]]]):
+    """Batches of `(index, epoch)` into a concatenation of tasks, every global batch drawn from a single task.
 
     Each process iterates the same sequence of global batches (the order depends only on `seed` and the epoch) and
-    yields its own slice of each, so the global batch (all processes together) is what comes from one task.
+    yields its own slice of each, so the global batch (all processes together) is what comes from one task. The
+    epoch travels with each index, so that what the collator draws for a row (`--negative_selection random`) can
+    depend on it, also in data-loader worker processes, and a resumed run draws what it would have drawn.
 
     Per epoch, task `t` contributes `ceil(size_t / global_batch_size)` batches (every row visited once, the last batch
     of a task filled up with rows from its start), or, with `weights`, a number of batches proportional to its weight
@@ -287,10 +347,10 @@ class TaskBatchSampler(torch.utils.data.Sampler[list[int]]):
         filled = self._fill(indices, count)
         return [filled[i * self.global_batch_size : (i + 1) * self.global_batch_size] for i in range(count)]
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         start = self.rank * self.local_batch_size
         for _, batch in self.global_batches():
-            yield batch[start : start + self.local_batch_size]
+            yield [(index, self.epoch) for index in batch[start : start + self.local_batch_size]]
 
     def __len__(self) -> int:
         if not self.task_aware:
@@ -304,17 +364,24 @@ class TaskBatchSampler(torch.utils.data.Sampler[list[int]]):
 
 @dataclass
 class TaskSpec:
-    """One task: its rows and how its queries and documents are prompted."""
+    """One task: its rows, how its queries and documents are prompted, where it came from (`source`, a Hub id or a
+    path) and the rows that loading skipped, by reason."""
 
     name: str
     dataset: datasets.Dataset
     query_prompt: str | None = None
     document_prompt: str | None = None
     weight: float | None = None
+    source: str | None = None
+    skipped_rows: Counter = field(default_factory=Counter)
 
 
 class MultiTaskDataset(torch.utils.data.Dataset):
-    """The concatenation of several tasks; each item carries its task and row so that problems can name them."""
+    """The concatenation of several tasks; each item carries its task, its row (in the task's source, when the
+    rows carry a `row_id`) and the epoch, so that problems can name the row and draws can be seeded by it.
+
+    An index is an int or, from `TaskBatchSampler`, an `(index, epoch)` pair.
+    """
 
     def __init__(self, tasks: Sequence[TaskSpec]):
         self.tasks = list(tasks)
@@ -324,10 +391,11 @@ class MultiTaskDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return sum(self.task_sizes)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int | tuple[int, int]) -> dict:
+        index, epoch = index if isinstance(index, tuple) else (index, 0)
         task = bisect.bisect_right(self.offsets, index) - 1
-        row = index - self.offsets[task]
-        return {**self.tasks[task].dataset[row], "task": task, "row": row}
+        item = self.tasks[task].dataset[index - self.offsets[task]]
+        return {**item, "task": task, "row": item.pop("row_id", index - self.offsets[task]), "epoch": epoch}
 
 
 def _present(value) -> bool:
@@ -342,8 +410,9 @@ def _present(value) -> bool:
     return True
 
 
-def drop_rows_without_positive(dataset: datasets.Dataset, task_name: str) -> datasets.Dataset:
-    """Drop the rows that have no query or no positive, logging how many and which, with the missing field.
+def drop_rows_without_positive(dataset: datasets.Dataset, task_name: str) -> tuple[datasets.Dataset, Counter]:
+    """Drop the rows that have no query or no positive, logging how many and which (by `row_id` when the rows
+    carry one), with the missing field; returns the rows kept and the count of the dropped ones by reason.
 
     Images are not decoded here (only their presence is checked); unreadable images are caught by the collator.
     """
@@ -354,22 +423,24 @@ def drop_rows_without_positive(dataset: datasets.Dataset, task_name: str) -> dat
         raise ValueError(f"task {task_name!r} has no query column: expected one of {QUERY_FIELDS}")
     table = dataset.select_columns(columns).with_format("arrow")[:]
     values = {c: table.column(c).to_pylist() for c in columns}
-    kept, problems = [], []
-    for row in range(len(dataset)):
+    row_ids = dataset["row_id"] if "row_id" in dataset.column_names else range(len(dataset))
+    kept, problems, skipped = [], [], Counter()
+    for row, row_id in enumerate(row_ids):
         missing = [
             "/".join(fields)
             for fields in (QUERY_FIELDS, POSITIVE_FIELDS)
             if not any(_present(values[f][row]) for f in fields if f in values)
         ]
         if missing:
-            problems.append(f"row {row}: no {' and no '.join(missing)}")
+            problems.append(f"row {row_id}: no {' and no '.join(missing)}")
+            skipped[f"{task_name}: no {' and no '.join(missing)}"] += 1
         else:
             kept.append(row)
     if problems:
         shown = "; ".join(problems[:10]) + ("; ..." if len(problems) > 10 else "")
         logger.warning(f"task {task_name!r}: skipped {len(problems)} of {len(dataset)} rows ({shown})")
         dataset = dataset.select(kept)
-    return dataset
+    return dataset, skipped
 
 
 def _as_list(value) -> list:
@@ -378,15 +449,26 @@ def _as_list(value) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-class ContrastiveCollator:
-    """Rows of a `MultiTaskDataset` -> `{"chunks": [processor batch, ...], "num_queries": int}`.
+NEGATIVE_SELECTION = ("first", "random")
 
-    The inputs are the queries, then their positives (same order), then the hard negatives: at most
-    `num_hard_negatives` per row, drawn at random when a row has more. Queries and documents go through the model
-    together, in one forward pass (so a data-parallel wrapper sees one graph per step), or in chunks of
-    `chunk_size` inputs for GradCache; each chunk is a separately padded processor batch, without pixel tensors
-    when it has no image. A row whose image cannot be read is skipped with a warning naming its task, row and
-    field (`skipped_rows` counts them per task).
+
+class ContrastiveCollator:
+    """Rows of a `MultiTaskDataset` -> `{"chunks": [processor batch, ...], "num_queries": int,
+    "negatives_per_query": [int, ...], "skipped_rows": Counter}`.
+
+    The inputs are the queries, then their positives (same order), then the hard negatives, grouped by row. Each row
+    gives `num_hard_negatives` of its negatives (pairs of `neg_text[i]`, `neg_image[i]`; empty pairs left out):
+
+    - `negative_selection="first"` (the release, `src/dataset.py: filter_hard_negtives`): the first ones of its list,
+      a shorter list padded by repeating its last negative; a row without negatives gives none.
+    - `negative_selection="random"`: drawn without replacement (all of them when the row has fewer), from a
+      generator seeded by `(seed, epoch, task, row)`, so that a resumed run draws what it would have drawn.
+
+    Queries and documents go through the model together, in one forward pass (so a data-parallel wrapper sees one
+    graph per step), or in chunks of `chunk_size` inputs for GradCache; each chunk is a separately padded processor
+    batch, without pixel tensors when it has no image. A row whose image cannot be read is skipped with a warning
+    naming its task, row and field; `skipped_rows` counts the batch's skipped rows by reason (returned with the
+    batch, as the collator may run in data-loader worker processes).
     """
 
     def __init__(
@@ -396,13 +478,18 @@ class ContrastiveCollator:
         num_hard_negatives: int = 2,
         max_length: int | None = None,
         chunk_size: int | None = None,
+        negative_selection: str = "first",
+        seed: int = 0,
     ):
+        if negative_selection not in NEGATIVE_SELECTION:
+            raise ValueError(f"negative_selection={negative_selection!r}: use one of {NEGATIVE_SELECTION}")
         self.processor = processor
         self.tasks = list(tasks)
         self.num_hard_negatives = num_hard_negatives
         self.max_length = max_length
         self.chunk_size = chunk_size
-        self.skipped_rows = Counter()
+        self.negative_selection = negative_selection
+        self.seed = seed
 
     def _side(self, row: dict, text_field: str, image_field: str, prompt: str | None):
         text, images = row.get(text_field), [load_image(v) for v in _as_list(row.get(image_field))]
@@ -415,9 +502,11 @@ class ContrastiveCollator:
             for i in range(max(len(texts), len(images)))
         ]
         pairs = [pair for pair in pairs if _present(pair[0]) or _present(pair[1])]
-        if len(pairs) > self.num_hard_negatives:
-            pairs = random.sample(pairs, self.num_hard_negatives)
-        return pairs
+        count = self.num_hard_negatives
+        if self.negative_selection == "first":
+            return (pairs + pairs[-1:] * count)[:count]
+        generator = random.Random(f"{self.seed}/{row.get('epoch', 0)}/{self.tasks[row['task']].name}/{row['row']}")
+        return generator.sample(pairs, min(count, len(pairs)))
 
     def _encode(self, inputs: list[tuple[str, list]]) -> list[dict]:
         size = self.chunk_size or len(inputs)
@@ -437,7 +526,7 @@ class ContrastiveCollator:
         return chunks
 
     def __call__(self, rows: list[dict]) -> dict:
-        queries, positives, negatives = [], [], []
+        queries, positives, negatives, negatives_per_query, skipped = [], [], [], [], Counter()
         for row in rows:
             task = self.tasks[row["task"]]
             field = "query_image"
@@ -454,19 +543,25 @@ class ContrastiveCollator:
                     for text, image in self._negatives(row)
                 ]
             except (OSError, ValueError) as error:
-                self.skipped_rows[task.name] += 1
+                skipped[f"{task.name}: unreadable {field}"] += 1
                 logger.warning(
                     f"skipped row {row['row']} of task {task.name!r}: unreadable {field} ({type(error).__name__}: "
-                    f"{error}); {self.skipped_rows[task.name]} rows of this task skipped so far"
+                    f"{error})"
                 )
                 continue
             queries.append(query)
             positives.append(positive)
             negatives += row_negatives
+            negatives_per_query.append(len(row_negatives))
         if not queries:
             names = sorted({self.tasks[row["task"]].name for row in rows})
             raise ValueError(f"every row of a batch of {len(rows)} rows from {names} is unusable (see warnings)")
-        return {"chunks": self._encode(queries + positives + negatives), "num_queries": len(queries)}
+        return {
+            "chunks": self._encode(queries + positives + negatives),
+            "num_queries": len(queries),
+            "negatives_per_query": negatives_per_query,
+            "skipped_rows": skipped,
+        }
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -483,8 +578,15 @@ class ContrastiveArguments(ModelDataArguments):
     dataset: list[str] = field(
         metadata={
             "help": "One or more tasks: Hub names, save_to_disk folders, parquet/jsonl files or folders of them; "
-            "a folder with tasks.json stands for all its tasks."
+            "a folder with tasks.json stands for all its tasks; with --subsets, a Hub dataset or a folder of subsets."
         }
+    )
+    subsets: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Subsets of --dataset, each one task: Hub configurations (moca-embed/MoCa-CL-Pairs: visrag_ind, "
+            "ImageNet_1K, ...) or a local folder's subfolders / data files; DATASET:SUBSET when several --dataset."
+        },
     )
     dataset_config: str | None = field(
         default=None,
@@ -496,6 +598,22 @@ class ContrastiveArguments(ModelDataArguments):
     max_length: int = field(default=1280, metadata={"help": "Longest input in tokens; longer text is cut (release 1280)."})
     temperature: float = field(default=0.03, metadata={"help": "InfoNCE temperature (paper: 0.03)."})
     num_hard_negatives: int = field(default=2, metadata={"help": "Hard negatives per query (paper: 2)."})
+    negatives: str = field(
+        default="own",
+        metadata={
+            "help": "Which hard negatives score each query: own (the release: its own, beside every positive of "
+            "the global batch) or batch (every hard negative of the global batch).",
+            "choices": list(NEGATIVE_SCORING),
+        },
+    )
+    negative_selection: str = field(
+        default="first",
+        metadata={
+            "help": "Which of a row's hard negatives it gives: first (the release: the first ones, a short list "
+            "padded with its last) or random (drawn per row and epoch from --data_seed/--seed).",
+            "choices": list(NEGATIVE_SELECTION),
+        },
+    )
     task_aware_batching: bool = field(
         default=True, metadata={"help": "Draw every global batch from one task (--no_task_aware_batching: mix)."}
     )
@@ -532,31 +650,97 @@ class ContrastiveTrainingArguments(MoCaTrainingArguments):
     warmup_steps: float = field(default=0.05, metadata={"help": "Warmup steps, or a fraction of training if < 1."})
 
 
-def load_tasks(sources: list[str], dataset_config: str | None = None, split: str = "train",
-               image_root: str | None = None) -> list[TaskSpec]:
-    """The tasks named by `--dataset`, each validated, with its prompts and weight from the task config."""
-    if not sources:
-        raise ValueError("No dataset given: pass one or more --dataset.")
+def _task_sources(sources: list[str], subsets: list[str] | None) -> list[tuple[str, str | None]]:
+    """`(source, subset)` of every task: a folder with tasks.json stands for its tasks; a dataset with subsets for
+    each of them (a bare subset name belongs to the only --dataset, `DATASET:SUBSET` to the one named)."""
+    chosen: dict[str, list[str]] = {}
+    for entry in subsets or []:
+        dataset, separator, subset = entry.rpartition(":")
+        if separator and dataset in sources:
+            chosen.setdefault(dataset, []).append(subset)
+        elif len(sources) == 1:
+            chosen.setdefault(sources[0], []).append(entry)
+        else:
+            raise ValueError(f"--subsets {entry!r}: with several --dataset, name its dataset (DATASET:{entry})")
     expanded = []
     for source in sources:
         tasks_file = Path(source) / TASKS_FILE
-        if tasks_file.is_file():
-            dataset_config = dataset_config or str(tasks_file)
-            expanded += [str(Path(source) / name) for name in json.loads(tasks_file.read_text())]
+        if source in chosen:
+            expanded += [(source, subset) for subset in chosen[source]]
+        elif tasks_file.is_file():
+            # A listed task is a subfolder or data file, named with or without its suffix (`t2i` or `t2i.jsonl`).
+            expanded += [(str(subset_source(source, name)), None) for name in json.loads(tasks_file.read_text())]
         else:
-            expanded.append(source)
+            expanded.append((source, None))
+    return expanded
+
+
+def _task_settings(config: dict, name: str, source: str, subset: str | None) -> tuple[str | None, dict]:
+    """A task's entry of the task config, `(key, settings)`: a file task may be named by its stem (`t2i`) or its
+    file name (`t2i.jsonl`), any task by its source as given, a subset also as `DATASET:SUBSET`."""
+    spellings = [name, f"{source}:{subset}"] if subset else [name, Path(source).name, source]
+    keys = [key for key in dict.fromkeys(spellings) if key in config]
+    if len({json.dumps(config[key], sort_keys=True) for key in keys}) > 1:
+        raise ValueError(f"task {name!r} has different settings under {keys}: keep one")
+    return (keys[0], config[keys[0]]) if keys else (None, {})
+
+
+def _has_image_paths(dataset: datasets.Dataset) -> bool:
+    columns = [c for c in IMAGE_FIELDS if c in dataset.column_names]
+    table = dataset.select_columns(columns).with_format("arrow")[:]
+    return any(_present(value) for c in columns for value in table.column(c).to_pylist())
+
+
+def load_tasks(
+    sources: list[str],
+    dataset_config: str | None = None,
+    split: str = "train",
+    image_root: str | None = None,
+    subsets: list[str] | None = None,
+    seed: int = 0,
+) -> list[TaskSpec]:
+    """The tasks named by `--dataset` (and `--subsets`), each validated, with its prompts and weight from the task
+    config and the rows that loading skipped by reason.
+
+    Rows keep their position in their source as `row_id`. Rows in the release's layout (`qry`, `qry_image_path`,
+    ...) are read as the package's (`moca.data.release_pairs_to_rows`; `seed` seeds its one random draw); their
+    image paths are relative to the release's image folder, `image_root` (for a local folder of subsets, by
+    default that folder).
+    """
+    if not sources:
+        raise ValueError("No dataset given: pass one or more --dataset.")
+    if dataset_config is None:
+        found = [Path(source) / TASKS_FILE for source in sources if (Path(source) / TASKS_FILE).is_file()]
+        dataset_config = str(found[0]) if found else None
     config = json.loads(Path(dataset_config).read_text()) if dataset_config else {}
 
-    tasks = []
-    for source in expanded:
-        name = Path(source).stem if Path(source).exists() else source
-        settings = config.get(name, config.get(source, {}))
+    tasks, used_keys = [], set()
+    for source, subset in _task_sources(sources, subsets):
+        name = subset or (Path(source).stem if Path(source).exists() else source)
+        key, settings = _task_settings(config, name, source, subset)
+        used_keys.add(key)
         unknown = set(settings) - {"query_prompt", "document_prompt", "weight"}
         if unknown:
             raise ValueError(f"{dataset_config}: task {name!r} has unknown settings {sorted(unknown)}")
-        dataset, root = load_source(source, split, image_root=image_root)
+        if any(task.name == name for task in tasks):
+            other = next(task.source for task in tasks if task.name == name)
+            raise ValueError(f"two tasks are named {name!r} ({other} and {source}): their settings and counts would mix")
+        dataset, root = load_source(source, split, image_root=image_root, subset=subset)
+        dataset = dataset.add_column("row_id", list(range(len(dataset))))
+        skipped = Counter()
+        if is_release_pairs(dataset):
+            dataset, skipped = release_pairs_to_rows(dataset, name, seed=seed)
+            if root is None and _has_image_paths(dataset):
+                raise ValueError(
+                    f"task {name!r} ({source}): the release's image paths are relative to its image folder; pass "
+                    "--image_dir (the folder that holds images/, as the release's scripts/prepare_images.sh lays it out)"
+                )
         dataset = absolute_image_paths(dataset, IMAGE_FIELDS, root)
-        tasks.append(TaskSpec(name=name, dataset=drop_rows_without_positive(dataset, name), **settings))
+        dataset, missing = drop_rows_without_positive(dataset, name)
+        tasks.append(TaskSpec(name=name, dataset=dataset, source=source, skipped_rows=skipped + missing, **settings))
+    unused = sorted(set(config) - used_keys)
+    if unused:
+        logger.warning(f"{dataset_config}: no task matches the settings of {unused} (tasks: {[t.name for t in tasks]})")
     weights = [task.weight for task in tasks]
     if any(w is not None for w in weights) and any(w is None for w in weights):
         missing = [task.name for task in tasks if task.weight is None]
@@ -623,6 +807,23 @@ class ContrastiveTrainer(MoCaTrainer):
         self.tasks = tasks
         # The loss is a mean over the batch's queries, never normalised by a token count.
         self.model_accepts_loss_kwargs = False
+        # Rows the collator skipped in this process's training batches, by reason. Counted from the batches, not
+        # in the collator: with data-loader workers the collator runs in (and counts in) other processes.
+        self.training_skipped_rows = Counter()
+
+    def skipped_rows_by_reason(self) -> Counter:
+        """This process's training skips, and on the main process those of loading. Every process loads and
+        validates the same rows, and `log_skipped_rows` sums over processes: counted on one process, the
+        validation counts are not multiplied by the number of processes."""
+        counts = Counter(self.training_skipped_rows)
+        if self.args.process_index == 0:
+            for task in self.tasks:
+                counts.update(task.skipped_rows)
+        return counts
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.training_skipped_rows.update(inputs["skipped_rows"])
+        return super().training_step(model, inputs, num_items_in_batch)
 
     def get_train_dataloader(self) -> DataLoader:
         weights = [task.weight for task in self.tasks]
@@ -638,31 +839,33 @@ class ContrastiveTrainer(MoCaTrainer):
         )
         return keep_rank_slices(self.accelerator.prepare(self.batch_sampler_dataloader(sampler)), sampler)
 
-    def _loss(self, embeddings: torch.Tensor, num_queries: int) -> torch.Tensor:
+    def _loss(self, embeddings: torch.Tensor, inputs: dict) -> torch.Tensor:
+        num_queries = inputs["num_queries"]
         return contrastive_loss(
             embeddings[:num_queries],
             embeddings[num_queries:],
             temperature=self.contrastive_args.temperature,
             matryoshka_dims=self.contrastive_args.matryoshka_dims,
+            negatives_per_query=inputs["negatives_per_query"],
+            negatives=self.contrastive_args.negatives,
         )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        chunks, num_queries = inputs["chunks"], inputs["num_queries"]
+        chunks = inputs["chunks"]
         if self.contrastive_args.grad_cache_chunk_size and torch.is_grad_enabled() and not return_outputs:
             return grad_cache_loss(
                 lambda chunk: model(**chunk).embeddings,
                 chunks,
-                lambda embeddings: self._loss(embeddings, num_queries),
+                lambda embeddings: self._loss(embeddings, inputs),
                 no_sync=lambda: self.accelerator.no_sync(model),
             )
         embeddings = torch.cat([model(**chunk).embeddings for chunk in chunks])
-        loss = self._loss(embeddings, num_queries)
+        loss = self._loss(embeddings, inputs)
         return (loss, {"embeddings": embeddings}) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        skipped = getattr(self.data_collator, "skipped_rows", None)
-        if "loss" in logs and skipped is not None:
-            logs["skipped_rows"] = sum(skipped.values())  # this process's count, from the collator in this process
+        if "loss" in logs:
+            logs["skipped_rows"] = sum(self.training_skipped_rows.values())  # this process's training batches
         super().log(logs, start_time)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
@@ -688,4 +891,4 @@ class ContrastiveTrainer(MoCaTrainer):
         return ("contrastive", *(("lora",) if lora else ()))
 
     def card_datasets(self) -> list[str] | None:
-        return [task.name for task in self.tasks if hub_id(task.name)] or None
+        return list(dict.fromkeys(task.source for task in self.tasks if hub_id(task.source))) or None

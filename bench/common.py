@@ -31,7 +31,7 @@ def build_model(
     """A random MoCa model on a small Qwen2.5-VL backbone (tens of millions of parameters at the defaults)."""
     folder = tempfile.mkdtemp(prefix="moca-bench-")
     backbone = make_tiny_vlm(folder, hidden_size=hidden_size, num_layers=num_layers, max_pixels=max_pixels, seed=seed)
-    return MoCaModel.from_backbone(backbone, dtype=dtype).eval()
+    return MoCaModel.from_backbone(backbone, image_tokens=None, dtype=dtype).eval()
 
 
 def mixed_workload(n_items: int, seed: int = 0, max_words: int = 160, max_side: int = 224) -> list:

@@ -37,6 +37,12 @@ class EvalArguments:
     cache_dir: str | None = field(
         default=None, metadata={"help": "Embedding cache folder; OUTPUT_DIR/embedding_cache when not given."}
     )
+    min_image_tokens: int | None = field(
+        default=None, metadata={"help": "Fewest visual tokens per image (default: the checkpoint's bound)."}
+    )
+    max_image_tokens: int | None = field(
+        default=None, metadata={"help": "Most visual tokens per image (default: the checkpoint's bound)."}
+    )
     dtype: str | None = field(
         default=None,
         metadata={"help": f"Weights dtype ({', '.join(DTYPES)}); bfloat16 on an accelerator and float32 on CPU "
@@ -64,11 +70,13 @@ def load_model(
     dtype: str | None = None,
     device: str | torch.device | None = None,
     revision: str | None = None,
+    image_tokens: tuple[int | None, int | None] = (None, None),
 ):
     """Load a MoCa checkpoint (local folder or Hub name, at `revision`) through its remote code, in eval mode.
 
     `dtype` defaults to bfloat16 on an accelerator and float32 on CPU; `device` to this process's device
-    (one accelerator per process under `accelerate launch`).
+    (one accelerator per process under `accelerate launch`). `image_tokens` overrides the (fewest, most)
+    visual tokens per image the checkpoint's processor stores (`None` keeps a bound).
     """
     from transformers import AutoConfig, AutoModel
 
@@ -84,6 +92,10 @@ def load_model(
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}: use one of {sorted(DTYPES)}")
     model = AutoModel.from_pretrained(name_or_path, trust_remote_code=True, revision=revision, dtype=DTYPES[dtype])
+    if any(bound is not None for bound in image_tokens):
+        if model.processor is None:
+            raise ValueError(f"{name_or_path} has no processor files: no image resolution to set.")
+        model.processor.set_image_token_bounds(*image_tokens)
     return model.to(device).eval()
 
 

@@ -330,7 +330,9 @@ def main(argv: list[str] | None = None) -> dict:
     (args,) = HfArgumentParser(MMEBArguments).parse_args_into_dataclasses(args=argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     init_processes()
-    model = load_model(args.model_name_or_path, dtype=args.dtype)
+    model = load_model(
+        args.model_name_or_path, dtype=args.dtype, image_tokens=(args.min_image_tokens, args.max_image_tokens)
+    )
     results = evaluate_mmeb(
         model,
         args.output_dir,

@@ -126,6 +126,7 @@ def embed(
     dtype: str | None = None,
     max_length: int | None = None,
     show_progress_bar: bool = True,
+    image_tokens: tuple[int | None, int | None] = (None, None),
 ) -> Index:
     """Embed every item of a folder or dataset as a document and write the index to `output`."""
     from tqdm.auto import tqdm
@@ -140,10 +141,11 @@ def embed(
     else:
         ids, inputs, texts, images = dataset_items(input_path, split, text_column, image_column, id_column)
     model = MoCaModel.from_pretrained(model_path, dtype=DTYPES[dtype] if dtype else None).eval()
+    _set_image_tokens(model, image_tokens)
 
     # Chunks of embeddings go to disk as they are done: a rerun with the same model and items resumes.
     partial = output.with_name(output.name + ".partial")
-    fingerprint = hashlib.sha256(json.dumps([str(model_path), ids, dtype, max_length]).encode()).hexdigest()
+    fingerprint = hashlib.sha256(json.dumps([str(model_path), ids, dtype, max_length, list(image_tokens)]).encode()).hexdigest()
     if partial.exists() and (partial / "fingerprint").read_text() != fingerprint:
         shutil.rmtree(partial)
     partial.mkdir(parents=True, exist_ok=True)
@@ -233,12 +235,20 @@ def read_index(path: str | Path) -> Index:
 # ---------------------------------------------------------------------------------------------- search
 
 
+def _set_image_tokens(model, image_tokens) -> None:
+    if any(bound is not None for bound in image_tokens):
+        if model.processor is None:
+            raise ValueError("The checkpoint has no processor files: no image resolution to set.")
+        model.processor.set_image_token_bounds(*image_tokens)
+
+
 def search(
     index_path: str,
     query: str | None = None,
     query_image: str | None = None,
     model_path: str | None = None,
     top_k: int = 5,
+    image_tokens: tuple[int | None, int | None] = (None, None),
 ) -> list[tuple[float, int]]:
     """Cosine scores of the query against the index: the `top_k` best as (score, item number), best first."""
     from .modeling_moca import MoCaModel
@@ -250,6 +260,7 @@ def search(
     if not model_path:
         raise ValueError(f"{index_path} does not name its model: pass --model.")
     model = MoCaModel.from_pretrained(model_path).eval()
+    _set_image_tokens(model, image_tokens)
     if query_image is not None and not Path(query_image).is_file():
         raise ValueError(f"--query_image {query_image}: no such file.")
     query_embedding = model.encode_queries([query if query is not None else Path(query_image)], show_progress_bar=False)
@@ -301,6 +312,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     search_parser.add_argument("--query", default=None, help="Text query.")
     search_parser.add_argument("--query_image", default=None, help="Image query (a file).")
     search_parser.add_argument("--top_k", type=int, default=5)
+    for command_parser in (embed_parser, search_parser):
+        command_parser.add_argument("--min_image_tokens", type=int, default=None,
+                                    help="Fewest visual tokens per image (default: the checkpoint's bound).")
+        command_parser.add_argument("--max_image_tokens", type=int, default=None,
+                                    help="Most visual tokens per image (default: the checkpoint's bound).")
     return parser.parse_args(argv)
 
 
@@ -318,12 +334,13 @@ def main(argv: list[str] | None = None) -> None:
             id_column=args.id_column,
             dtype=args.dtype,
             max_length=args.max_length,
+            image_tokens=(args.min_image_tokens, args.max_image_tokens),
         )
         print(f"{len(index.ids)} items, {index.embeddings.shape[1]} dimensions -> {args.output}")
     else:
         results = search(
             args.index, query=args.query, query_image=args.query_image, model_path=args.model_name_or_path,
-            top_k=args.top_k,
+            top_k=args.top_k, image_tokens=(args.min_image_tokens, args.max_image_tokens),
         )
         print_results(args.index, results)
 

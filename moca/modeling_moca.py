@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers.utils import ModelOutput, cached_file
 
 from .configuration_moca import MoCaConfig
-from .processing_moca import MoCaProcessor
+from .processing_moca import RELEASE_IMAGE_TOKENS, MoCaProcessor
 
 logger = logging.getLogger(__name__)
 
@@ -168,9 +168,12 @@ class MoCaModel(MoCaPreTrainedModel):
 
     @classmethod
     def from_backbone(cls, name_or_path: str, processor: MoCaProcessor | None = None, dtype=None,
-                      attn_implementation: str | None = None, **config_kwargs) -> "MoCaModel":
+                      attn_implementation: str | None = None,
+                      image_tokens: tuple[int, int] | None = RELEASE_IMAGE_TOKENS, **config_kwargs) -> "MoCaModel":
         """A fresh MoCa model from a causal VLM checkpoint (Hub name or folder), with its processor.
 
+        `image_tokens` = (fewest, most) visual tokens per image, written into the processor (and so into every
+        checkpoint saved from this model): the release's 256-1,024 by default; `None` keeps the backbone's.
         `config_kwargs` go to `MoCaConfig` (`pooling`, `normalize`, `bidirectional`, prompts, ...).
         """
         vlm_config = AutoConfig.from_pretrained(name_or_path)
@@ -186,6 +189,8 @@ class MoCaModel(MoCaPreTrainedModel):
         config.vlm_config = vlm.config
         model = cls(config, vlm=vlm)
         model.processor = processor if processor is not None else MoCaProcessor.from_pretrained(name_or_path)
+        if image_tokens is not None:
+            model.processor.set_image_token_bounds(*image_tokens)
         return model
 
     @classmethod

@@ -12,6 +12,10 @@ from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature, Proces
 
 
 IMAGE_PLACEHOLDER = "<image>"
+# Visual tokens per image in every stage of the original release (`min_pixels=256*28*28`, `max_pixels=1024*28*28`
+# for Qwen2-VL/2.5-VL's 28-px merged patches; Qwen3-VL's are 32 px). The published Qwen-VL processor configs
+# allow 4 to 16,384 tokens: a scanned page would run at 5-10x the resolution MoCa was trained at.
+RELEASE_IMAGE_TOKENS = (256, 1024)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # Image modes the Qwen-VL image processors convert themselves (RGBA onto white, as the release's processor did).
 _PROCESSOR_MODES = ("RGB", "RGBA", "L")
@@ -143,6 +147,47 @@ class MoCaProcessor(ProcessorMixin):
     def merge_size(self) -> int:
         return self.image_processor.merge_size
 
+    @property
+    def token_side(self) -> int:
+        """Side in pixels of the square one merged visual token covers (28 for Qwen2/2.5-VL, 32 for Qwen3-VL)."""
+        return self.image_processor.patch_size * self.merge_size
+
+    @property
+    def image_token_bounds(self) -> tuple[int, int]:
+        """(fewest, most) visual tokens an image is resized to, from the image processor's pixel bounds."""
+        size = self.image_processor.size
+        area = self.token_side**2
+        return size["shortest_edge"] // area, size["longest_edge"] // area
+
+    def set_image_token_bounds(self, min_tokens: int | None = None, max_tokens: int | None = None) -> None:
+        """Resize every image to between `min_tokens` and `max_tokens` visual tokens (stored in the image
+        processor's `size`, so `save_pretrained` writes them into the checkpoint). `None` keeps a bound."""
+        current = self.image_token_bounds
+        min_tokens = current[0] if min_tokens is None else min_tokens
+        max_tokens = current[1] if max_tokens is None else max_tokens
+        if not 1 <= min_tokens <= max_tokens:
+            raise ValueError(f"image token bounds must satisfy 1 <= min <= max, got min {min_tokens}, max {max_tokens}.")
+        area = self.token_side**2
+        size = {"shortest_edge": min_tokens * area, "longest_edge": max_tokens * area}
+        # transformers 5 reads the bounds from `size` alone (a config's legacy `min_pixels`/`max_pixels` are folded
+        # into it on loading).
+        self.image_processor.size = size
+
+    def stretch_small_image(self, image: Image.Image) -> Image.Image:
+        """A side shorter than one merged patch stretched to it, as the release does before processing (the
+        Qwen-VL resizing rounds such a side to zero or refuses extreme aspect ratios)."""
+        side = self.token_side
+        width, height = image.size
+        if width >= side and height >= side:
+            return image
+        return image.resize((max(width, side), max(height, side)), Image.BICUBIC)
+
+    def image_tokens(self, width: int, height: int) -> int:
+        """Visual tokens of a `width` x `height` image: exactly what processing it gives, without the pixels."""
+        side = self.token_side
+        width, height = max(width, side), max(height, side)
+        return self.image_processor.get_number_of_image_patches(height, width, {}) // self.merge_size**2
+
     def num_image_tokens(self, image_grid_thw: torch.Tensor) -> list[int]:
         return (image_grid_thw.prod(-1) // self.merge_size**2).tolist()
 
@@ -194,6 +239,7 @@ class MoCaProcessor(ProcessorMixin):
 
         image_inputs, tokens_per_image, patches_per_image = {}, [], []
         if flat_images:
+            flat_images = [self.stretch_small_image(image) if isinstance(image, Image.Image) else image for image in flat_images]
             image_inputs = dict(self.image_processor(images=flat_images, return_tensors="pt"))
             tokens_per_image = self.num_image_tokens(image_inputs["image_grid_thw"])
             patches_per_image = image_inputs["image_grid_thw"].prod(-1).tolist()
@@ -322,21 +368,17 @@ class MoCaProcessor(ProcessorMixin):
         )
 
     def image_cost(self, image) -> float:
-        """Approximate number of visual tokens of an image, read from its header only (no decoding); 0 when it
-        cannot be read (`batch` raises the error that names it)."""
+        """Visual tokens of an image, read from its header only (no decoding); 0 when it cannot be read
+        (`batch` raises the error that names it)."""
         try:
             if isinstance(image, Image.Image):
                 width, height = image.size
             else:
                 with Image.open(_image_source(image)[0]) as opened:
                     width, height = opened.size
+            return self.image_tokens(width, height)
         except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
             return 0.0
-        image_processor = self.image_processor
-        pixel_limit = getattr(image_processor, "max_pixels", None) or image_processor.size.get("longest_edge")
-        pixels = min(width * height, pixel_limit) if pixel_limit else width * height
-        patch = image_processor.patch_size * self.merge_size
-        return pixels / (patch * patch)
 
     def batch_decode(self, *args, **kwargs):
         return self.tokenizer.batch_decode(*args, **kwargs)
@@ -353,5 +395,5 @@ MoCaProcessor.register_for_auto_class("AutoProcessor")
 
 __all__ = [
     "MoCaProcessor", "format_prompt", "count_image_placeholders", "load_image", "parse_input", "IMAGE_PLACEHOLDER",
-    "IMAGE_EXTENSIONS",
+    "IMAGE_EXTENSIONS", "RELEASE_IMAGE_TOKENS",
 ]  # fmt: skip

@@ -38,7 +38,7 @@ def tiny_moca(tiny_vlm_dir):
     """(model, processor): a fresh bidirectional MoCa model on the tiny backbone, fp32, eval mode."""
     from moca import MoCaModel
 
-    model = MoCaModel.from_backbone(tiny_vlm_dir, dtype=torch.float32).eval()
+    model = MoCaModel.from_backbone(tiny_vlm_dir, image_tokens=None, dtype=torch.float32).eval()
     return model, model.processor
 
 

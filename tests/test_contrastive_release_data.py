@@ -195,7 +195,7 @@ def test_a_missing_local_subset_names_what_is_there(collection):
 
 def run(tiny_vlm_dir, output_dir, *extra):
     argv = [
-        "--model_name_or_path", tiny_vlm_dir, "--output_dir", str(output_dir), "--per_device_train_batch_size", "4",
+        "--model_name_or_path", tiny_vlm_dir, "--min_image_tokens", "1", "--max_image_tokens", "16", "--output_dir", str(output_dir), "--per_device_train_batch_size", "4",
         "--learning_rate", "5e-4", "--warmup_steps", "0", "--logging_steps", "1", "--save_strategy", "no",
         "--report_to", "none", "--max_length", "128", "--seed", "0", *extra,
     ]  # fmt: skip

@@ -53,7 +53,7 @@ def retrieval_accuracy(model, dataset, query_prompt):
 
 def run(tiny_vlm_dir, task_dir, output_dir, *extra):
     argv = [
-        "--model_name_or_path", tiny_vlm_dir, "--dataset", str(task_dir), "--output_dir", str(output_dir),
+        "--model_name_or_path", tiny_vlm_dir, "--min_image_tokens", "1", "--max_image_tokens", "16", "--dataset", str(task_dir), "--output_dir", str(output_dir),
         "--per_device_train_batch_size", "8", "--learning_rate", "5e-4", "--warmup_steps", "0",
         "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none", "--max_length", "64",
         "--seed", "0", "--temperature", "0.05", *extra,
@@ -65,7 +65,7 @@ def test_training_lowers_the_loss_and_raises_retrieval_accuracy(tiny_vlm_dir, ta
     from moca import MoCaModel
 
     pairs = datasets.load_from_disk(str(task_dir / "text_pairs"))
-    before = retrieval_accuracy(MoCaModel.from_backbone(tiny_vlm_dir, dtype=torch.float32), pairs, "Query: {text}")
+    before = retrieval_accuracy(MoCaModel.from_backbone(tiny_vlm_dir, image_tokens=None, dtype=torch.float32), pairs, "Query: {text}")
 
     trainer = run(tiny_vlm_dir, task_dir, tmp_path, "--max_steps", "24", "--grad_cache_chunk_size", "8",
                   "--matryoshka_dims", "128", "64")  # fmt: skip
@@ -90,7 +90,7 @@ def test_lora_is_merged_into_the_saved_checkpoint(tiny_vlm_dir, task_dir, tmp_pa
     from moca import MoCaModel
 
     run(tiny_vlm_dir, task_dir / "text_pairs", tmp_path, "--max_steps", "2", "--lora_r", "4", "--merge_lora")
-    base = MoCaModel.from_backbone(tiny_vlm_dir, dtype=torch.float32).state_dict()
+    base = MoCaModel.from_backbone(tiny_vlm_dir, image_tokens=None, dtype=torch.float32).state_dict()
     merged = AutoModel.from_pretrained(tmp_path, trust_remote_code=True).state_dict()
     assert set(merged) == set(base)  # a plain MoCa checkpoint: no adapter weights left
     changed = {name for name in base if not torch.equal(base[name], merged[name])}

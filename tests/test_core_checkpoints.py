@@ -65,7 +65,9 @@ save_file({{"embeddings": out, "encoded": model.encode({texts[1:]!r})}}, {str(tm
 def converted(official_fixture, tmp_path_factory):
     out = tmp_path_factory.mktemp("converted")
     subprocess.run(
-        [sys.executable, str(REPO_ROOT / "scripts" / "convert_original_checkpoint.py"), "--model_name_or_path", str(official_fixture), "--output_dir", str(out)],
+        [sys.executable, str(REPO_ROOT / "scripts" / "convert_original_checkpoint.py"), "--model_name_or_path", str(official_fixture), "--output_dir", str(out),
+         # The fixture was made by the release's code with these bounds (its preprocessor config): 4-64 tokens.
+         "--min_image_tokens", "4", "--max_image_tokens", "64"],
         check=True, capture_output=True, timeout=300,
     )
     return out
@@ -114,7 +116,7 @@ def test_converted_checkpoint_processor_and_encode_match_the_original(converted,
 
 def test_causal_variant_matches_upstream_causal_model(official_fixture):
     """bidirectional=False is truly causal (unlike the original code's flag, which only switched pooling)."""
-    model = MoCaModel.from_backbone(official_fixture, dtype=torch.float32, bidirectional=False, normalize=False).eval()
+    model = MoCaModel.from_backbone(official_fixture, image_tokens=None, dtype=torch.float32, bidirectional=False, normalize=False).eval()
     tensors = load_file(official_fixture / "tensors.safetensors")
     expected = load_file(official_fixture / "expected.safetensors")
     with torch.no_grad():

@@ -15,7 +15,7 @@ def _image(color, size=(56, 56)):
 
 
 def _load(path, **kw):
-    model = MoCaModel.from_backbone(path, dtype=torch.float32, **kw).eval()
+    model = MoCaModel.from_backbone(path, image_tokens=None, dtype=torch.float32, **kw).eval()
     if "attn_implementation" in kw:
         assert model.vlm.language_model.config._attn_implementation == kw["attn_implementation"]
     return model

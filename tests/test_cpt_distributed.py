@@ -43,7 +43,7 @@ def test_two_processes_train_and_agree(tiny_vlm_dir, tmp_path):
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
         str(worker), str(tmp_path),
-        "--model_name_or_path", tiny_vlm_dir, "--dataset", str(data), "--output_dir", str(tmp_path / "run"),
+        "--model_name_or_path", tiny_vlm_dir, "--min_image_tokens", "1", "--max_image_tokens", "16", "--dataset", str(data), "--output_dir", str(tmp_path / "run"),
         "--max_steps", "2", "--token_budget", "300", "--max_length", "256", "--learning_rate", "1e-3",
         "--ddp_backend", "gloo", "--use_cpu", "true", "--report_to", "none", "--logging_steps", "1",
         "--save_strategy", "no", "--disable_tqdm", "true",

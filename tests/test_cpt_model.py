@@ -19,7 +19,7 @@ def model_inputs(batch: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def cpt_model(tiny_vlm_dir):
-    return MoCaForContinualPretraining.from_backbone(tiny_vlm_dir, dtype=torch.float32)
+    return MoCaForContinualPretraining.from_backbone(tiny_vlm_dir, image_tokens=None, dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def test_untied_vlm_gives_an_mlm_head_copied_from_lm_head(tmp_path):
     tokenizer.save_pretrained(tmp_path)
     tiny_image_processor("qwen2_5_vl").save_pretrained(tmp_path)
 
-    model = MoCaForContinualPretraining.from_backbone(str(tmp_path), dtype=torch.float32)
+    model = MoCaForContinualPretraining.from_backbone(str(tmp_path), image_tokens=None, dtype=torch.float32)
     assert torch.equal(model.mlm_head.weight, vlm.lm_head.weight)
     assert not torch.equal(model.mlm_head.weight, model.moca.get_input_embeddings().weight)
 
@@ -128,7 +128,7 @@ def test_save_gives_a_plain_moca_checkpoint_and_resumable_heads(cpt_model, batch
 
 
 def test_mask_token_gets_an_embedding_row(tiny_vlm_dir):
-    model = MoCaForContinualPretraining.from_backbone(tiny_vlm_dir, dtype=torch.float32)
+    model = MoCaForContinualPretraining.from_backbone(tiny_vlm_dir, image_tokens=None, dtype=torch.float32)
     mask_id = model.processor.mask_token_id
     model.moca.resize_token_embeddings(mask_id)  # a backbone whose embeddings end before <|mask|>
     processor = model.add_mask_token()
@@ -152,7 +152,7 @@ def test_adding_the_mask_token_resizes_the_backbone_and_survives_a_reload(tmp_pa
     tokenizer.save_pretrained(tmp_path / "vlm")
     tiny_image_processor("qwen2_5_vl").save_pretrained(tmp_path / "vlm")
 
-    model = MoCaForContinualPretraining.from_backbone(str(tmp_path / "vlm"), dtype=torch.float32)
+    model = MoCaForContinualPretraining.from_backbone(str(tmp_path / "vlm"), image_tokens=None, dtype=torch.float32)
     assert model.moca.config.get_text_config() is model.moca.config.vlm_config.text_config
     assert model.moca.get_input_embeddings().num_embeddings == mask_id
     model.add_mask_token()

@@ -16,7 +16,7 @@ from cpt_rows import make_rows, write_jsonl
 
 def arguments(model_dir, data, output_dir, *extra):
     return [
-        "--model_name_or_path", model_dir, "--dataset", str(data), "--output_dir", str(output_dir),
+        "--model_name_or_path", model_dir, "--min_image_tokens", "1", "--max_image_tokens", "16", "--dataset", str(data), "--output_dir", str(output_dir),
         "--max_steps", "6", "--save_steps", "3", "--logging_steps", "2", "--token_budget", "700",
         "--max_length", "256", "--learning_rate", "2e-3", "--warmup_steps", "0", "--lr_scheduler_type", "constant",
         "--report_to", "none", "--seed", "0", "--disable_tqdm", "true", *extra,

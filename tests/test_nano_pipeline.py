@@ -128,7 +128,7 @@ def test_ablation_variants_start_from_the_right_checkpoints(tmp_path, monkeypatc
 def test_contrastive_script_keeps_a_causal_backbone_causal(tiny_vlm_dir, bidirectional, pooling, expected_pooling):
     from moca.training.contrastive import ContrastiveArguments, load_contrastive_model as load_model
 
-    args = ContrastiveArguments(model_name_or_path=tiny_vlm_dir, dataset=["unused"], bidirectional=bidirectional,
+    args = ContrastiveArguments(model_name_or_path=tiny_vlm_dir, min_image_tokens=1, max_image_tokens=16, dataset=["unused"], bidirectional=bidirectional,
                                 pooling=pooling)  # fmt: skip
     model = load_model(args).eval()
     assert model.config.bidirectional is bidirectional and model.config.pooling == expected_pooling

@@ -163,12 +163,17 @@ def make_base_vlm(out: Path, settings: Settings, seed: int) -> Path:
     return base
 
 
+# The nano world's images are 56-112 px: the tiny backbone's own bounds (1-16 visual tokens), not the release's
+# 256-1,024, which would upscale every image 16-256 times.
+NANO_IMAGE_TOKENS = ["--min_image_tokens", "1", "--max_image_tokens", "16"]
+
+
 def train_cpt(start: Path, out: Path, settings: Settings, seed: int, data: Path) -> Path:
     target = out / "cpt"
     command = [sys.executable, "train_cpt.py", "--model_name_or_path", str(start), "--dataset", str(data / "cpt"),
                "--token_budget", str(settings.cpt_token_budget), "--max_length", "256",
                "--text_mask_ratio", str(settings.text_mask_ratio), "--image_mask_ratio", str(settings.image_mask_ratio),
-               "--mae_loss_weight", str(settings.mae_loss_weight),
+               "--mae_loss_weight", str(settings.mae_loss_weight), *NANO_IMAGE_TOKENS,
                *trainer_flags(target, settings.cpt_steps, settings.cpt_lr, seed)]  # fmt: skip
     return run_training_stage("cpt", target, command, [start, data], out / "logs" / "cpt.log")
 
@@ -178,6 +183,7 @@ def train_contrastive(start: Path, out: Path, settings: Settings, seed: int, dat
     command = [sys.executable, "train_contrastive.py", "--model_name_or_path", str(start), "--dataset", str(data / "contrastive"),
                "--per_device_train_batch_size", str(settings.cl_batch_size), "--max_length", "256",
                "--temperature", str(settings.temperature), "--num_hard_negatives", str(settings.num_hard_negatives),
+               *NANO_IMAGE_TOKENS,
                *([] if settings.task_aware_batching else ["--no_task_aware_batching"]),
                *([] if settings.bidirectional else ["--no_bidirectional"]),  # causal: last-token pooling
                *trainer_flags(target, settings.cl_steps, settings.cl_lr, seed)]  # fmt: skip
@@ -202,7 +208,7 @@ def evaluate(model_dir: Path, out: Path, data: Path, settings: Settings, bidirec
     if AutoConfig.from_pretrained(model_dir, trust_remote_code=True).model_type == "moca":
         model = MoCaModel.from_pretrained(model_dir, dtype=torch.float32)
     else:
-        model = MoCaModel.from_backbone(model_dir, dtype=torch.float32, bidirectional=bidirectional)
+        model = MoCaModel.from_backbone(model_dir, dtype=torch.float32, bidirectional=bidirectional, image_tokens=None)
     model.eval()
     tasks = json.loads((data / "contrastive" / "tasks.json").read_text())
     mmeb = evaluate_mmeb(model, out / "mmeb", data_dir=data / "mmeb" / "data", image_dir=data / "mmeb" / "images",

@@ -34,6 +34,16 @@ class ModelDataArguments:
         metadata={"help": "Folder relative image paths are read under (default: the folder of each data source)."},
     )
     max_length: int = field(default=2048, metadata={"help": "Longest input in tokens; longer text is cut."})
+    min_image_tokens: int | None = field(
+        default=None,
+        metadata={"help": "Fewest visual tokens an image is resized to (default: the MoCa checkpoint's bound; from a "
+                          "causal VLM the release's 256, i.e. min_pixels 256*28*28 on Qwen2/2.5-VL). Saved with the model."},
+    )
+    max_image_tokens: int | None = field(
+        default=None,
+        metadata={"help": "Most visual tokens an image is resized to (default: the MoCa checkpoint's bound; from a "
+                          "causal VLM the release's 1024, i.e. max_pixels 1024*28*28). Saved with the model."},
+    )
     dtype: str = field(default="float32", metadata={"help": "Weights dtype.", "choices": list(DTYPES)})
     attn_implementation: str | None = field(
         default=None, metadata={"help": "sdpa (default), eager or flash_attention_2."}

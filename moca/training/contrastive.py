@@ -757,6 +757,9 @@ def load_contrastive_model(args: ContrastiveArguments) -> MoCaModel:
         model = MoCaModel.from_backbone(
             args.model_name_or_path, bidirectional=args.bidirectional, pooling=args.pooling, **kwargs
         )
+    if model.processor is None:
+        raise ValueError(f"{args.model_name_or_path} has no processor files: training needs its tokenizer and image processor.")
+    model.processor.set_image_token_bounds(args.min_image_tokens, args.max_image_tokens)
     if args.matryoshka_dims:
         bad = [dim for dim in args.matryoshka_dims if not 0 < dim <= model.config.hidden_size]
         if bad:

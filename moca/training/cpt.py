@@ -367,12 +367,6 @@ def load_cpt_dataset(sources: list[str], split: str = "train", image_root: str |
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def merged_image_tokens(image_processor, height: int, width: int) -> int:
-    """Number of language-model tokens of one image, from its size alone (no pixels processed)."""
-    num_patches = image_processor.get_number_of_image_patches(height, width, {})
-    return num_patches // image_processor.merge_size**2
-
-
 def expanded_text(processor: MoCaProcessor, text: str, tokens_per_image: list[int]) -> str:
     """The text the processor tokenizes: each placeholder replaced by `<|vision_start|>`, the image's
     `<|image_pad|>` tokens and `<|vision_end|>`; images without placeholders go first (as `MoCaProcessor.__call__`)."""
@@ -408,7 +402,7 @@ def inspect_row(row: dict, processor: MoCaProcessor, max_length: int) -> dict:
     for position, image in enumerate(images):
         try:
             width, height = load_image(image).size
-            tokens_per_image.append(merged_image_tokens(processor.image_processor, height, width))
+            tokens_per_image.append(processor.image_tokens(width, height))
         except Exception as error:  # any decoding or size error makes the row unusable, whatever its kind
             result["skip_reason"] = f"image {position} unreadable"
             result["skip_detail"] = f"{type(error).__name__}: {error}"
@@ -794,8 +788,13 @@ def load_cpt_model(args: CPTArguments) -> MoCaForContinualPretraining:
         mae_loss_weight=args.mae_loss_weight, dtype=torch_dtype(args.dtype), attn_implementation=args.attn_implementation
     )
     if is_moca_checkpoint(args.model_name_or_path):
-        return MoCaForContinualPretraining.from_pretrained(args.model_name_or_path, **kwargs)
-    return MoCaForContinualPretraining.from_backbone(args.model_name_or_path, **kwargs)
+        model = MoCaForContinualPretraining.from_pretrained(args.model_name_or_path, **kwargs)
+    else:
+        model = MoCaForContinualPretraining.from_backbone(args.model_name_or_path, **kwargs)
+    if model.processor is None:
+        raise ValueError(f"{args.model_name_or_path} has no processor files: training needs its tokenizer and image processor.")
+    model.processor.set_image_token_bounds(args.min_image_tokens, args.max_image_tokens)
+    return model
 
 
 class CPTTrainer(MoCaTrainer):

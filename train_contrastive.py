@@ -31,6 +31,8 @@ same); `--negatives batch` scores every query against every hard negative of the
 The global batch is `per_device_train_batch_size` times the number of processes; every global batch comes from one
 task. Every `TrainingArguments` flag works (`--max_steps`, `--save_steps`, `--resume_from_checkpoint`,
 `--push_to_hub`, `--deepspeed`, `--fsdp`, ...). The run ends with a `skipped rows: N` line and the count per reason.
+The tasks' prompts are saved in the checkpoint's config: named `TASK/query` and `TASK/document`, and as its
+`query_prompt` / `document_prompt` when all tasks share one.
 Each saved folder is a MoCa checkpoint (`AutoModel.from_pretrained(dir, trust_remote_code=True)`) with a model card;
 with LoRA, the checkpoints hold the adapter and the final model is merged into full weights with `--merge_lora`.
 """
@@ -45,6 +47,7 @@ from moca.training.contrastive import (
     add_lora,
     load_contrastive_model,
     load_tasks,
+    record_task_prompts,
 )
 
 
@@ -52,13 +55,14 @@ def main(argv: list[str] | None = None) -> ContrastiveTrainer:
     args, training_args = parse_arguments((ContrastiveArguments, ContrastiveTrainingArguments), argv)
 
     model = load_contrastive_model(args)
-    processor = model.processor
+    processor, moca_config = model.processor, model.config
     if args.lora_r:
         model = add_lora(model, args)
     data_seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
     with training_args.main_process_first(desc="loading and validating the data"):
         tasks = load_tasks(args.dataset, args.dataset_config, split=args.split, image_root=args.image_dir,
                            subsets=args.subsets, seed=data_seed)  # fmt: skip
+    record_task_prompts(moca_config, tasks)
     collator = ContrastiveCollator(
         processor,
         tasks,

@@ -6,8 +6,10 @@
     model = MoCaMTEBEncoder("path/or/hub-name")        # or MoCaMTEBEncoder(name, model=already_loaded_model)
     mteb.evaluate(model, mteb.get_tasks(tasks=["Vidore2ESGReportsRetrieval"]))
 
-Queries are encoded with the checkpoint's query prompt and documents with its document prompt (MoCa's own
-prompts, not the task's instruction); inputs of tasks without query/document roles get no prompt.
+Prompts follow the input's modality, as mteb's own MoCa wrapper and the release do (not the task's instruction):
+text alone is encoded raw; an image with text gets `image_question` ("Represent the given image with the following
+question: {text}"); an image alone gets `document_page` in document tasks (ViDoRe: mteb type
+"DocumentUnderstanding") and `image` otherwise. The names are the checkpoint's `config.prompts`.
 """
 
 from typing import Any
@@ -78,6 +80,11 @@ class MoCaMTEBEncoder(AbsEncoder):
         )
         self.mteb_model_meta = moca_model_meta(model_name, self.model, revision)
 
+    def prompt_names(self, task_metadata) -> dict[str, str | None]:
+        """The prompt name for each modality of an input of this task."""
+        image_only = "document_page" if getattr(task_metadata, "type", None) == "DocumentUnderstanding" else "image"
+        return {"text": None, "image": image_only, "image+text": "image_question"}
+
     def encode(
         self,
         inputs,
@@ -89,14 +96,21 @@ class MoCaMTEBEncoder(AbsEncoder):
         show_progress_bar: bool = True,
         **kwargs: Any,
     ) -> np.ndarray:
-        if prompt_type == PromptType.query:
-            encode = self.model.encode_queries
-        elif prompt_type == PromptType.document:
-            encode = self.model.encode_documents
-        else:
-            encode = self.model.encode
+        names = self.prompt_names(task_metadata)
         embeddings = []
         for batch in inputs:
             items = batch_to_inputs(batch)
-            embeddings.append(encode(items, batch_size=len(items), show_progress_bar=False))
+            # One encode per modality group (each has its prompt); rows go back to their places afterwards.
+            groups: dict[str, list[int]] = {}
+            for row, item in enumerate(items):
+                kind = "text" if item["image"] is None else ("image+text" if item["text"] else "image")
+                groups.setdefault(kind, []).append(row)
+            batch_embeddings = [None] * len(items)
+            for kind, rows in groups.items():
+                encoded = self.model.encode(
+                    [items[row] for row in rows], prompt_name=names[kind], batch_size=len(rows), show_progress_bar=False
+                )
+                for row, embedding in zip(rows, encoded):
+                    batch_embeddings[row] = embedding
+            embeddings.append(torch.stack(batch_embeddings))
         return torch.cat(embeddings).numpy()

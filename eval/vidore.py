@@ -4,8 +4,9 @@
 
 A dataset is in the BEIR layout of the ViDoRe benchmark: configs `corpus` (`corpus-id`, `image`), `queries`
 (`query-id`, `query`) and `qrels` (`query-id`, `corpus-id`, `score`), each with a `test` split; a local folder holds
-`corpus/`, `queries/` and `qrels/` subfolders of parquet files. Documents are encoded with the model's document
-prompt, queries with its query prompt; the multilingual sets are scored over all their queries at once.
+`corpus/`, `queries/` and `qrels/` subfolders of parquet files. As in the release's ViDoRe retriever, queries are
+encoded as raw text and pages with the document-page prompt `"<image>\nRepresent the given document image."`
+(`--query_prompt` / `--document_prompt` change them); the multilingual sets are scored over all their queries at once.
 """
 
 import functools
@@ -21,6 +22,7 @@ from accelerate import PartialState
 from PIL import Image
 from transformers import HfArgumentParser
 
+from moca.configuration_moca import RELEASE_PROMPTS
 from moca.data import load_image
 
 from .encoding import EvalArguments, content_key, embedding_cache, encode_with_cache, init_processes, load_model
@@ -28,6 +30,8 @@ from .metrics import load_metric
 from .report import bar_plot, markdown_table, write_results
 
 logger = logging.getLogger(__name__)
+
+PAGE_PROMPT = RELEASE_PROMPTS["document_page"]
 
 # The seven ViDoRe-v2 sets of the benchmark's leaderboard (and of the MoCa paper's table): the Hub datasets tagged
 # with the ViDoRe-v2 paper (arXiv 2505.17166). The `_eng_` sets hold the English queries, the others the same
@@ -154,24 +158,19 @@ def evaluate_vidore(
     max_length: int | None = None,
     cache_dir: str | Path | None = None,
     query_prompt: str | None = None,
+    document_prompt: str = PAGE_PROMPT,
     model_name: str | None = None,
 ) -> dict:
     """Evaluate `model` on ViDoRe datasets (Hub names or local folders); write `vidore_results.{json,md,png}`.
 
-    Queries go through `model.encode_queries` (the checkpoint's query prompt) unless `query_prompt` is given,
-    pages through `model.encode_documents`. Returns the results written to the JSON file.
+    Queries are encoded raw unless `query_prompt` (a format string with `{text}`) is given, pages with
+    `document_prompt`. Returns the results written to the JSON file.
     """
     output_dir = Path(output_dir)
     cache = embedding_cache(model, output_dir, cache_dir, max_length)
     metric = load_metric("retrieval_scores")
-    if query_prompt is None:
-        encode_queries, query_kind = model.encode_queries, "vidore-query"
-    else:
-
-        def encode_queries(batch, **kwargs):
-            return model.encode(batch, prompt=query_prompt, **kwargs)
-
-        query_kind = f"vidore-query|{query_prompt}"
+    # Cache keys name the prompt: embeddings made under another prompt are never reused.
+    query_kind, page_kind = f"vidore-query|{query_prompt}", f"vidore-page|{document_prompt}"
 
     per_dataset = {}
     for number, name in enumerate(datasets, start=1):
@@ -180,16 +179,18 @@ def evaluate_vidore(
         query_embeddings = encode_with_cache(
             data.query_texts,
             [content_key(query_kind, text) for text in data.query_texts],
-            lambda share: encode_queries(share, batch_size=batch_size, max_length=max_length, show_progress_bar=False),
+            lambda share: model.encode(
+                share, prompt=query_prompt, batch_size=batch_size, max_length=max_length, show_progress_bar=False
+            ),
             cache=cache,
             namespace=f"vidore/{short_name}/queries",
             description=f"ViDoRe {short_name} queries ({number}/{len(datasets)})",
         )
         document_embeddings = encode_with_cache(
             list(range(len(data.corpus))),
-            data.page_keys,
-            lambda share: model.encode_documents(
-                share, batch_size=batch_size, max_length=max_length, show_progress_bar=False
+            [content_key(page_kind, key) for key in data.page_keys],
+            lambda share: model.encode(
+                share, prompt=document_prompt, batch_size=batch_size, max_length=max_length, show_progress_bar=False
             ),
             cache=cache,
             namespace=f"vidore/{short_name}/documents",
@@ -239,7 +240,10 @@ class ViDoReArguments(EvalArguments):
     )
     batch_size: int = field(default=8, metadata={"help": "Inputs per forward pass."})
     query_prompt: str | None = field(
-        default=None, metadata={"help": "Query prompt with {text}; the checkpoint's query prompt when not given."}
+        default=None, metadata={"help": "Query prompt with {text}; raw queries (the release) when not given."}
+    )
+    document_prompt: str = field(
+        default=PAGE_PROMPT, metadata={"help": "Page prompt (default: the release's document-page prompt)."}
     )
 
 
@@ -258,6 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
         max_length=args.max_length,
         cache_dir=args.cache_dir,
         query_prompt=args.query_prompt,
+        document_prompt=args.document_prompt,
         model_name=args.model_name_or_path,
     )
     if PartialState().is_main_process:

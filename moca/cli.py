@@ -127,6 +127,7 @@ def embed(
     max_length: int | None = None,
     show_progress_bar: bool = True,
     image_tokens: tuple[int | None, int | None] = (None, None),
+    prompt_name: str | None = None,
 ) -> Index:
     """Embed every item of a folder or dataset as a document and write the index to `output`."""
     from tqdm.auto import tqdm
@@ -145,7 +146,7 @@ def embed(
 
     # Chunks of embeddings go to disk as they are done: a rerun with the same model and items resumes.
     partial = output.with_name(output.name + ".partial")
-    fingerprint = hashlib.sha256(json.dumps([str(model_path), ids, dtype, max_length, list(image_tokens)]).encode()).hexdigest()
+    fingerprint = hashlib.sha256(json.dumps([str(model_path), ids, dtype, max_length, list(image_tokens), prompt_name]).encode()).hexdigest()
     if partial.exists() and (partial / "fingerprint").read_text() != fingerprint:
         shutil.rmtree(partial)
     partial.mkdir(parents=True, exist_ok=True)
@@ -161,7 +162,7 @@ def embed(
                 try:
                     embeddings = model.encode_documents(
                         inputs[start : start + chunk_size], batch_size=batch_size, max_length=max_length,
-                        show_progress_bar=False,
+                        prompt_name=prompt_name, show_progress_bar=False,
                     )  # fmt: skip
                 except ValueError as error:  # `encode` counts inputs from the start of the chunk
                     raise ValueError(f"Items {start}.. (first: {ids[start]!r}): {error}") from error
@@ -249,6 +250,7 @@ def search(
     model_path: str | None = None,
     top_k: int = 5,
     image_tokens: tuple[int | None, int | None] = (None, None),
+    prompt_name: str | None = None,
 ) -> list[tuple[float, int]]:
     """Cosine scores of the query against the index: the `top_k` best as (score, item number), best first."""
     from .modeling_moca import MoCaModel
@@ -263,7 +265,9 @@ def search(
     _set_image_tokens(model, image_tokens)
     if query_image is not None and not Path(query_image).is_file():
         raise ValueError(f"--query_image {query_image}: no such file.")
-    query_embedding = model.encode_queries([query if query is not None else Path(query_image)], show_progress_bar=False)
+    query_embedding = model.encode_queries(
+        [query if query is not None else Path(query_image)], prompt_name=prompt_name, show_progress_bar=False
+    )
     scores = F.normalize(index.embeddings.float(), dim=-1) @ F.normalize(query_embedding, dim=-1)[0]
     best = torch.topk(scores, min(top_k, len(scores)))
     return [(score, item) for score, item in zip(best.values.tolist(), best.indices.tolist())]
@@ -312,6 +316,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     search_parser.add_argument("--query", default=None, help="Text query.")
     search_parser.add_argument("--query_image", default=None, help="Image query (a file).")
     search_parser.add_argument("--top_k", type=int, default=5)
+    embed_parser.add_argument("--prompt_name", default=None,
+                              help="Named prompt of the checkpoint for the items (default: its document prompt).")
+    search_parser.add_argument("--prompt_name", default=None,
+                               help="Named prompt of the checkpoint for the query, e.g. caption (default: its query prompt).")
     for command_parser in (embed_parser, search_parser):
         command_parser.add_argument("--min_image_tokens", type=int, default=None,
                                     help="Fewest visual tokens per image (default: the checkpoint's bound).")
@@ -335,12 +343,13 @@ def main(argv: list[str] | None = None) -> None:
             dtype=args.dtype,
             max_length=args.max_length,
             image_tokens=(args.min_image_tokens, args.max_image_tokens),
+            prompt_name=args.prompt_name,
         )
         print(f"{len(index.ids)} items, {index.embeddings.shape[1]} dimensions -> {args.output}")
     else:
         results = search(
             args.index, query=args.query, query_image=args.query_image, model_path=args.model_name_or_path,
-            top_k=args.top_k, image_tokens=(args.min_image_tokens, args.max_image_tokens),
+            top_k=args.top_k, image_tokens=(args.min_image_tokens, args.max_image_tokens), prompt_name=args.prompt_name,
         )
         print_results(args.index, results)
 

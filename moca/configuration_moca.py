@@ -9,10 +9,21 @@ from transformers.configuration_utils import SubConfigSpec
 SUPPORTED_BACKBONES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl")
 POOLING_MODES = ("mean", "last")
 
-# Prompts of the original MoCa release. `{text}` is replaced by the input text; `<image>` marks where an
-# image goes (an input with an image but no placeholder gets the image first).
-DEFAULT_QUERY_PROMPT = "Find me an everyday image that matches the given caption: {text}\n"
-DEFAULT_DOCUMENT_PROMPT = "{text}"
+# Prompts of the original MoCa release, by name (`encode(..., prompt_name=...)`, and sentence-transformers'
+# `prompt_name`). `{text}` is replaced by the input text; `<image>` marks where the image goes.
+RELEASE_PROMPTS = {
+    # an image with a question or instruction (the release's demo and MMEB-style queries)
+    "image_question": "<image>Represent the given image with the following question: {text}\n",
+    # a caption looking for an image (text-to-image queries)
+    "caption": "Find me an everyday image that matches the given caption: {text}\n",
+    # an image as a document
+    "image": "<image>Represent the given image.\n",
+    # a document page image (the release's ViDoRe retriever; its queries are raw text)
+    "document_page": "<image>\nRepresent the given document image.",
+    # plain text, no prompt
+    "text": "{text}",
+}
+# What an input made of images alone gets when its prompt has no `{text}` to fill: the release's image prompt.
 DEFAULT_IMAGE_PROMPT = "Represent the given image.\n"
 
 
@@ -32,10 +43,14 @@ class MoCaConfig(PreTrainedConfig):
             Every token attends to every other non-padding token. `False` keeps the backbone causal.
         matryoshka_dims (`list[int]`, *optional*):
             Embedding sizes the model was trained to be truncated to (Matryoshka representation learning).
+        prompts (`dict[str, str]`, *optional*):
+            Named prompts (format strings with `{text}`) for `prompt_name=`; the release's prompts by default
+            (`image_question`, `caption`, `image`, `document_page`, `text`), plus what training recorded.
         query_prompt / document_prompt (`str`, *optional*):
-            Format strings with `{text}` used by `encode_queries` / `encode_documents`.
+            Format strings with `{text}` used by `encode_queries` / `encode_documents` when no prompt is given;
+            `None` (the default) leaves the input as it is.
         image_prompt (`str`):
-            Text used for an input made of images only.
+            Text for an input made of images only whose prompt has no `{text}` to fill (or that has no prompt).
     """
 
     model_type = "moca"
@@ -46,8 +61,9 @@ class MoCaConfig(PreTrainedConfig):
     normalize: bool = True
     bidirectional: bool = True
     matryoshka_dims: list[int] | None = None
-    query_prompt: str | None = DEFAULT_QUERY_PROMPT
-    document_prompt: str | None = DEFAULT_DOCUMENT_PROMPT
+    prompts: dict[str, str] | None = None
+    query_prompt: str | None = None
+    document_prompt: str | None = None
     image_prompt: str = DEFAULT_IMAGE_PROMPT
 
     def __post_init__(self, **kwargs):
@@ -55,6 +71,7 @@ class MoCaConfig(PreTrainedConfig):
             # `is_causal` is written into the backbone config below: never mutate the caller's object.
             self.vlm_config = copy.deepcopy(self.vlm_config)
         super().__post_init__(**kwargs)
+        self.prompts = {**RELEASE_PROMPTS, **(self.prompts or {})}
         if self.vlm_config.model_type not in SUPPORTED_BACKBONES:
             raise ValueError(
                 f"Unsupported backbone type {self.vlm_config.model_type!r}: MoCa supports {', '.join(SUPPORTED_BACKBONES)}."
@@ -95,7 +112,7 @@ class MoCaConfig(PreTrainedConfig):
 
 MoCaConfig.register_for_auto_class()
 
-__all__ = ["MoCaConfig"]
+__all__ = ["MoCaConfig", "RELEASE_PROMPTS"]
 # Known to the Auto classes wherever this module is imported, so that loading a MoCa checkpoint's
 # tokenizer or processor does not fall back to a generic config.
 AutoConfig.register("moca", MoCaConfig, exist_ok=True)

@@ -144,8 +144,11 @@ def _description(config: dict, model_or_dir, base_model: str | None) -> str:
         + ("; L2-normalised (cosine similarity = dot product)" if config.get("normalize", True) else ""),
         f"- Attention: {'bidirectional' if config.get('bidirectional', True) else 'causal'}",
         f"- Query prompt: `{json.dumps(config.get('query_prompt'))}`; document prompt: "
-        f"`{json.dumps(config.get('document_prompt'))}` (`{{text}}` is replaced by the input)",
+        f"`{json.dumps(config.get('document_prompt'))}` (`{{text}}` is replaced by the input; null: none)",
     ]
+    if config.get("prompts"):
+        lines.append("- Named prompts (`prompt_name=` in `encode` and sentence-transformers; `<image>` marks the image):")
+        lines += [f"  - `{name}`: `{json.dumps(prompt)}`" for name, prompt in config["prompts"].items()]
     if config.get("matryoshka_dims"):
         lines.append(f"- Matryoshka dimensions (use `truncate_dim`): {config['matryoshka_dims']}")
     return "\n".join(lines)

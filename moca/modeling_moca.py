@@ -269,6 +269,7 @@ class MoCaModel(MoCaPreTrainedModel):
         inputs,
         batch_size: int = 32,
         prompt: str | None = None,
+        prompt_name: str | None = None,
         truncate_dim: int | None = None,
         show_progress_bar: bool | None = None,
         processor: MoCaProcessor | None = None,
@@ -279,13 +280,14 @@ class MoCaModel(MoCaPreTrainedModel):
         An input is a `str` (text; a path to an existing image file counts as an image), a `PIL.Image`, a
         `pathlib.Path` to an image, or a dict `{"text": ..., "image": ...}` whose image may be a list (for
         interleaved inputs, place them with `<image>` in the text). `prompt` is a format string with
-        `{text}` (or a prefix). Inputs are sorted by cost so that batches need little padding; the result
+        `{text}` (or a prefix); `prompt_name` picks one of `config.prompts` instead (the release's
+        `image_question`, `caption`, `image`, `document_page`, `text`, and what training recorded). Inputs are sorted by cost so that batches need little padding; the result
         keeps the input order.
         """
         processor = processor or self.processor
         if processor is None:
             raise ValueError("No processor: load the model with from_pretrained/from_backbone or pass `processor=`.")
-        items = processor.parse_inputs(inputs, prompt, image_prompt=self.config.image_prompt)
+        items = processor.parse_inputs(inputs, self.resolve_prompt(prompt, prompt_name), image_prompt=self.config.image_prompt)
         if not items:
             return torch.empty(0, truncate_dim or self.config.hidden_size)
         costs = [len(text) / 4 + sum(processor.image_cost(image) for image in images) for text, images in items]
@@ -311,13 +313,28 @@ class MoCaModel(MoCaPreTrainedModel):
                 embeddings = F.normalize(embeddings, dim=-1)
         return embeddings
 
-    def encode_queries(self, inputs, prompt: str | None = None, **kwargs) -> torch.Tensor:
-        """`encode` with the config's `query_prompt` (or the given one)."""
-        return self.encode(inputs, prompt=prompt if prompt is not None else self.config.query_prompt, **kwargs)
+    def resolve_prompt(self, prompt: str | None = None, prompt_name: str | None = None) -> str | None:
+        """The format string `encode` applies: `prompt` itself, or the named one of `config.prompts`."""
+        if prompt_name is None:
+            return prompt
+        if prompt is not None:
+            raise ValueError("Pass `prompt` or `prompt_name`, not both.")
+        prompts = self.config.prompts or {}
+        if prompt_name not in prompts:
+            raise ValueError(f"No prompt named {prompt_name!r}: this checkpoint has {sorted(prompts)}.")
+        return prompts[prompt_name]
 
-    def encode_documents(self, inputs, prompt: str | None = None, **kwargs) -> torch.Tensor:
-        """`encode` with the config's `document_prompt` (or the given one)."""
-        return self.encode(inputs, prompt=prompt if prompt is not None else self.config.document_prompt, **kwargs)
+    def encode_queries(self, inputs, prompt: str | None = None, prompt_name: str | None = None, **kwargs) -> torch.Tensor:
+        """`encode` with the given prompt, else the config's `query_prompt` (none by default: raw queries)."""
+        if prompt is None and prompt_name is None:
+            prompt = self.config.query_prompt
+        return self.encode(inputs, prompt=prompt, prompt_name=prompt_name, **kwargs)
+
+    def encode_documents(self, inputs, prompt: str | None = None, prompt_name: str | None = None, **kwargs) -> torch.Tensor:
+        """`encode` with the given prompt, else the config's `document_prompt` (none by default)."""
+        if prompt is None and prompt_name is None:
+            prompt = self.config.document_prompt
+        return self.encode(inputs, prompt=prompt, prompt_name=prompt_name, **kwargs)
 
 
 def _progress(iterable: Iterable, show: bool | None, default: bool):
@@ -334,12 +351,18 @@ def write_sentence_transformers_files(save_directory, config: MoCaConfig) -> Non
     """`modules.json` and `config_sentence_transformers.json`: every MoCa checkpoint is a sentence-transformers model.
 
     Written by hand rather than by `SentenceTransformer.save` so that saving needs no sentence-transformers.
-    The prompts are MoCa's format strings: the module applies `{text}` (sentence-transformers would only prefix).
+    The prompts are MoCa's format strings, by name (`prompt_name=` in sentence-transformers); the module applies
+    `{text}` (sentence-transformers would only prefix). `query` / `document`, which `encode_query` /
+    `encode_document` use, are there only when the config sets a query / document prompt.
     """
     modules = [{"idx": 0, "name": "0", "path": "", "type": SENTENCE_TRANSFORMERS_MODULE}]
     settings = {
         "model_type": "SentenceTransformer",
-        "prompts": {"query": config.query_prompt or "", "document": config.document_prompt or ""},
+        "prompts": {
+            **(config.prompts or {}),
+            **{role: prompt for role, prompt in (("query", config.query_prompt), ("document", config.document_prompt))
+               if prompt is not None},
+        },
         "default_prompt_name": None,
         "similarity_fn_name": "cosine",
     }

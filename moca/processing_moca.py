@@ -330,20 +330,29 @@ class MoCaProcessor(ProcessorMixin):
     def parse_inputs(self, inputs, prompt: str | None = None, image_prompt: str | None = None) -> list[tuple[str, list]]:
         """Inputs of `MoCaModel.encode` -> one `(text with the prompt applied, images)` pair each, validated.
 
-        `prompt` is a format string with `{text}` (or a prefix); an input with images and no text gets
-        `image_prompt` instead. Images stay as given: `batch` decodes them, one batch at a time.
+        `prompt` is a format string with `{text}` (or a prefix). An input made of images alone gets `prompt` when
+        it has no `{text}` to fill (an instruction about the image, such as the document-page prompt) and
+        `image_prompt` otherwise. Images stay as given: `batch` decodes them, one batch at a time.
         """
         if isinstance(inputs, (str, dict, Image.Image, Path)):
             inputs = [inputs]
+        # An empty prompt is no prompt (sentence-transformers passes "" for its default `query`/`document` entries).
+        prompt = prompt or None
+        image_only_prompt = prompt if prompt is not None and "{text}" not in prompt else image_prompt
         items = []
         for i, item in enumerate(inputs):
             text, images = parse_input(item, i)
-            text = image_prompt if not text and images and image_prompt is not None else format_prompt(prompt, text)
+            if not text and images and image_only_prompt is not None:
+                text = image_only_prompt
+            else:
+                text = format_prompt(prompt, text)
             n_placeholders = count_image_placeholders(text)
             if n_placeholders and n_placeholders != len(images):
                 raise ValueError(
-                    f"Input {i}: the text has {n_placeholders} image placeholder(s) but {len(images)} image(s) were given."
-                )
+                    f"Input {i}: the text has {n_placeholders} image placeholder(s) but {len(images)} image(s) were given"
+                    + (" (the prompt holds an image placeholder: use it for inputs with an image)" if
+                       count_image_placeholders(prompt or "") else "") + "."
+                )  # fmt: skip
             items.append((text, images))
         return items
 

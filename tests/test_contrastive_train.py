@@ -81,6 +81,14 @@ def test_training_lowers_the_loss_and_raises_retrieval_accuracy(tiny_vlm_dir, ta
     assert loaded.config.model_type == "moca" and loaded.config.matryoshka_dims == [128, 64]
     torch.testing.assert_close(loaded.state_dict()["vlm.language_model.layers.0.mlp.up_proj.weight"],
                                trainer.model.state_dict()["vlm.language_model.layers.0.mlp.up_proj.weight"])  # fmt: skip
+    # The prompts trained with travel with the checkpoint, by task; the two tasks share neither prompt, so
+    # neither role gets a default.
+    prompts = loaded.config.prompts
+    assert prompts["text_pairs/query"] == "Query: {text}" and prompts["caption_to_image/query"] == "Find an image: {text}"
+    assert prompts["caption_to_image/document"] == "<image>Represent the image." and prompts["caption"].startswith("Find me")
+    assert loaded.config.query_prompt is None and loaded.config.document_prompt is None
+    settings = json.loads((tmp_path / "config_sentence_transformers.json").read_text())
+    assert settings["prompts"]["text_pairs/query"] == "Query: {text}"
     card = (tmp_path / "README.md").read_text()
     assert "multimodal-embedding" in card and "2506.23115" in card and "temperature" in card
     assert str(task_dir) not in card  # local paths stay out of the card
@@ -89,7 +97,11 @@ def test_training_lowers_the_loss_and_raises_retrieval_accuracy(tiny_vlm_dir, ta
 def test_lora_is_merged_into_the_saved_checkpoint(tiny_vlm_dir, task_dir, tmp_path):
     from moca import MoCaModel
 
-    run(tiny_vlm_dir, task_dir / "text_pairs", tmp_path, "--max_steps", "2", "--lora_r", "4", "--merge_lora")
+    run(tiny_vlm_dir, task_dir / "text_pairs", tmp_path, "--max_steps", "2", "--lora_r", "4", "--merge_lora",
+        "--dataset_config", str(task_dir / "tasks.json"))
+    # One task: its prompts are also the checkpoint's query and document prompts.
+    config = AutoModel.from_pretrained(tmp_path, trust_remote_code=True).config
+    assert (config.query_prompt, config.document_prompt) == ("Query: {text}", "{text}")
     base = MoCaModel.from_backbone(tiny_vlm_dir, image_tokens=None, dtype=torch.float32).state_dict()
     merged = AutoModel.from_pretrained(tmp_path, trust_remote_code=True).state_dict()
     assert set(merged) == set(base)  # a plain MoCa checkpoint: no adapter weights left

@@ -140,6 +140,39 @@ def test_prompts_of_encode_queries_and_documents(models):
     torch.testing.assert_close(image_doc, by_hand, atol=0, rtol=0)
 
 
+def test_named_prompts_are_the_releases_spelled_out(models):
+    model = models["sdpa", True]
+    red, page = _image("red"), _image("blue")
+    vision = "<|vision_start|><|image_pad|><|vision_end|>"
+    cases = [
+        ("caption", "a red circle", "Find me an everyday image that matches the given caption: a red circle\n"),
+        ("image_question", {"text": "what colour?", "image": red},
+         {"text": vision + "Represent the given image with the following question: what colour?\n", "image": red}),
+        ("image", red, {"text": vision + "Represent the given image.\n", "image": red}),
+        ("document_page", page, {"text": vision + "\nRepresent the given document image.", "image": page}),
+        ("text", "a plain sentence", "a plain sentence"),
+    ]  # fmt: skip
+    for name, item, by_hand in cases:
+        torch.testing.assert_close(model.encode([item], prompt_name=name), model.encode([by_hand]), atol=0, rtol=0, msg=name)
+    # An image alone under a prompt with `{text}` to fill gets the image prompt, not an empty caption.
+    torch.testing.assert_close(
+        model.encode([red], prompt_name="caption"), model.encode([{"text": vision + "Represent the given image.\n", "image": red}]),
+        atol=0, rtol=0,
+    )  # fmt: skip
+
+
+def test_queries_without_a_prompt_are_encoded_as_they_are(tiny_vlm_dir):
+    model = MoCaModel.from_backbone(tiny_vlm_dir, image_tokens=None, dtype=torch.float32).eval()
+    assert model.config.query_prompt is None and model.config.document_prompt is None
+    torch.testing.assert_close(model.encode_queries(["a red circle"]), model.encode(["a red circle"]), atol=0, rtol=0)
+    with pytest.raises(ValueError, match=r"No prompt named 'query'.*'caption'"):
+        model.encode(["a red circle"], prompt_name="query")
+    with pytest.raises(ValueError, match="not both"):
+        model.encode(["a red circle"], prompt="{text}", prompt_name="text")
+    with pytest.raises(ValueError, match="the prompt holds an image placeholder"):
+        model.encode(["a red circle"], prompt_name="image_question")
+
+
 @pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
 def test_every_backbone_embeds_bidirectionally(tiny_vlm_dirs, arch):
     model = _load(tiny_vlm_dirs[arch])

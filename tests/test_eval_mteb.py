@@ -52,16 +52,25 @@ class TinyPageRetrieval(AbsTaskRetrieval):
         self.data_loaded = True
 
 
-def test_mteb_retrieval_scores_equal_those_from_encode_queries_and_documents(tiny_moca):
+class TinyDocumentRetrieval(TinyPageRetrieval):
+    metadata = TinyPageRetrieval.metadata.model_copy(update={"name": "TinyDocumentRetrieval", "type": "DocumentUnderstanding"})
+
+
+# The release's prompts spelled in the backbone's own tokens: an image document, and a document page (ViDoRe).
+RELEASE_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>Represent the given image.\n"
+RELEASE_PAGE = "<|vision_start|><|image_pad|><|vision_end|>\nRepresent the given document image."
+
+
+@pytest.mark.parametrize("task, page_prompt", [(TinyPageRetrieval, RELEASE_IMAGE), (TinyDocumentRetrieval, RELEASE_PAGE)])
+def test_mteb_retrieval_scores_equal_raw_queries_against_prompted_pages(tiny_moca, task, page_prompt):
     model = tiny_moca[0]
     results = mteb.evaluate(
-        MoCaMTEBEncoder("local/tiny-moca", model=model), TinyPageRetrieval(), cache=None, show_progress_bar=False
+        MoCaMTEBEncoder("local/tiny-moca", model=model), task(), cache=None, show_progress_bar=False
     )
     scores = results.task_results[0].scores["test"][0]
 
-    similarity = (
-        F.normalize(model.encode_queries(QUERIES), dim=-1) @ F.normalize(model.encode_documents(PAGES), dim=-1).T
-    )
+    pages = model.encode([{"text": page_prompt, "image": page} for page in PAGES])
+    similarity = F.normalize(model.encode(QUERIES), dim=-1) @ F.normalize(pages, dim=-1).T
     relevance = torch.zeros(len(QUERIES), len(PAGES), dtype=torch.long)
     for query, pages in RELEVANT.items():
         for page, grade in pages.items():
@@ -84,28 +93,16 @@ class Spy:
     def __getattr__(self, name):
         return getattr(self.model, name)
 
-    def _record(self, method, inputs, **kwargs):
+    def encode(self, inputs, prompt_name=None, **kwargs):
         kinds = {("text" if item["text"] else "") + ("+image" if item["image"] is not None else "") for item in inputs}
-        self.calls.append((method, sorted(kinds)))
-        return getattr(self.model, method)(inputs, **kwargs)
-
-    def encode(self, inputs, **kwargs):
-        return self._record("encode", inputs, **kwargs)
-
-    def encode_queries(self, inputs, **kwargs):
-        return self._record("encode_queries", inputs, **kwargs)
-
-    def encode_documents(self, inputs, **kwargs):
-        return self._record("encode_documents", inputs, **kwargs)
+        self.calls.append((prompt_name, tuple(sorted(kinds))))
+        return self.model.encode(inputs, prompt_name=prompt_name, **kwargs)
 
 
-def test_queries_get_the_query_prompt_pages_the_document_prompt_other_tasks_none(tiny_moca):
+def test_each_modality_gets_its_release_prompt(tiny_moca):
     spy = Spy(tiny_moca[0])
-    mteb.evaluate(
-        MoCaMTEBEncoder("local/tiny-moca", model=spy), TinyPageRetrieval(), cache=None, show_progress_bar=False
-    )
-    assert {call for call, _ in spy.calls} == {"encode_queries", "encode_documents"}
-    assert all(kinds == (["text"] if call == "encode_queries" else ["+image"]) for call, kinds in spy.calls)
+    mteb.evaluate(MoCaMTEBEncoder("local/tiny-moca", model=spy), TinyDocumentRetrieval(), cache=None, show_progress_bar=False)
+    assert set(spy.calls) == {(None, ("text",)), ("document_page", ("+image",))}
 
     spy.calls.clear()
     results = mteb.evaluate(
@@ -114,8 +111,22 @@ def test_queries_get_the_query_prompt_pages_the_document_prompt_other_tasks_none
         cache=None,
         show_progress_bar=False,
     )
-    assert spy.calls and all(call == ("encode", ["+image"]) for call in spy.calls)
+    assert spy.calls and set(spy.calls) == {("image", ("+image",))}
     assert "accuracy" in results.task_results[0].scores["test"][0]
+
+
+def test_a_mixed_batch_keeps_its_order_and_gives_image_questions_their_prompt(tiny_moca):
+    model = tiny_moca[0]
+    encoder = MoCaMTEBEncoder("local/tiny-moca", model=model)
+    batch = {"text": ["what colour is it?", "a plain query", None], "image": [PAGES[0], None, PAGES[1]]}
+    got = torch.from_numpy(encoder.encode([batch], task_metadata=TinyPageRetrieval.metadata, hf_split="test", hf_subset="default"))
+    question = "<|vision_start|><|image_pad|><|vision_end|>Represent the given image with the following question: what colour is it?\n"
+    expected = torch.cat([
+        model.encode([{"text": question, "image": PAGES[0]}]),
+        model.encode(["a plain query"]),
+        model.encode([{"text": RELEASE_IMAGE, "image": PAGES[1]}]),
+    ])  # fmt: skip
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
 def test_batches_become_moca_inputs():

@@ -60,13 +60,9 @@ class Recorder:
     def __getattr__(self, name):
         return getattr(self.model, name)
 
-    def encode_queries(self, inputs, **kwargs):
+    def encode(self, inputs, **kwargs):
         self.encoded += len(inputs)
-        return self.model.encode_queries(inputs, **kwargs)
-
-    def encode_documents(self, inputs, **kwargs):
-        self.encoded += len(inputs)
-        return self.model.encode_documents(inputs, **kwargs)
+        return self.model.encode(inputs, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +79,11 @@ def test_scores_equal_those_from_model_encode_and_a_rerun_encodes_nothing(tiny_m
     # Each data set has a cache folder of its own: both are encoded, 5 queries and 6 pages each.
     assert recorder.encoded == 2 * (len(QUERIES) + 6)
 
-    queries = model.encode_queries(QUERIES)
-    pages = model.encode_documents([page(i) for i in range(6)])
+    # By hand, as the release's ViDoRe retriever does: raw query text, and its page prompt spelled in the
+    # backbone's own tokens.
+    queries = model.encode(QUERIES)
+    release_page = "<|vision_start|><|image_pad|><|vision_end|>\nRepresent the given document image."
+    pages = model.encode([{"text": release_page, "image": page(i)} for i in range(6)])
     scores = F.normalize(queries, dim=-1) @ F.normalize(pages, dim=-1).T
     relevance = torch.zeros(len(QUERIES), 6, dtype=torch.long)
     for query_id, corpus_id, score in QRELS:
@@ -114,7 +113,7 @@ def test_scores_equal_those_from_model_encode_and_a_rerun_encodes_nothing(tiny_m
     assert rerun.encoded == 0
 
 
-def test_queries_use_the_query_prompt_and_pages_the_document_prompt(tiny_moca, vidore_sets, tmp_path):
+def test_a_query_prompt_given_is_applied_and_cached_apart(tiny_moca, vidore_sets, tmp_path):
     model = tiny_moca[0]
     name = str(vidore_sets[0])
     default = evaluate_vidore(model, tmp_path / "a", datasets=[name])
@@ -125,7 +124,8 @@ def test_queries_use_the_query_prompt_and_pages_the_document_prompt(tiny_moca, v
     torch.testing.assert_close(
         torch.stack(list(stored.values())), model.encode(QUERIES, prompt=prompt), atol=1e-5, rtol=0
     )
-    assert not torch.allclose(model.encode(QUERIES, prompt=prompt), model.encode_queries(QUERIES), atol=1e-3)
+    assert not torch.allclose(model.encode(QUERIES, prompt=prompt), model.encode(QUERIES), atol=1e-3)
+    assert default != prompted
     assert default["datasets"][name]["num_queries"] == prompted["datasets"][name]["num_queries"] == 4
 
 

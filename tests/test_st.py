@@ -59,6 +59,7 @@ _ENCODE_SCRIPT = textwrap.dedent(
         "encode": model.encode(inputs, batch_size=4, convert_to_tensor=True),
         "query": model.encode_query(inputs, batch_size=3, convert_to_tensor=True),
         "document": model.encode_document(inputs, convert_to_tensor=True),
+        "named": model.encode(inputs, prompt_name="caption", convert_to_tensor=True),
         "truncated": model.encode(inputs, truncate_dim=32, normalize_embeddings=True, convert_to_tensor=True),
         "int8": torch.from_numpy(model.encode(inputs, precision="int8")),
         "ubinary": torch.from_numpy(model.encode(inputs, precision="ubinary")),
@@ -71,11 +72,19 @@ _ENCODE_SCRIPT = textwrap.dedent(
 )
 
 
+# The checkpoint's query prompt (as training records one): it has text after `{text}`.
+QUERY_PROMPT = "Represent the query for retrieval: {text}\n"
+
+
 @pytest.fixture(scope="module")
 def moca_checkpoint(tiny_moca, tmp_path_factory):
     model, _ = tiny_moca
     folder = tmp_path_factory.mktemp("moca_st") / "checkpoint"
-    model.save_pretrained(folder)
+    model.config.query_prompt = QUERY_PROMPT
+    try:
+        model.save_pretrained(folder)
+    finally:
+        model.config.query_prompt = None
     return folder
 
 
@@ -99,7 +108,10 @@ def test_checkpoint_files_make_a_sentence_transformers_model(moca_checkpoint, ti
     ]
     settings = json.loads((moca_checkpoint / "config_sentence_transformers.json").read_text())
     assert settings["similarity_fn_name"] == "cosine"
-    assert settings["prompts"] == {"query": model.config.query_prompt, "document": model.config.document_prompt}
+    # The release's named prompts, and `query` (what encode_query uses) because the checkpoint has a query prompt;
+    # no `document`: it has none.
+    assert settings["prompts"] == {**model.config.prompts, "query": QUERY_PROMPT}
+    assert settings["prompts"]["caption"] == "Find me an everyday image that matches the given caption: {text}\n"
     assert (moca_checkpoint / "sentence_transformers_moca.py").is_file()
 
 
@@ -112,13 +124,14 @@ def test_round_trip_in_fresh_processes_equals_moca_encode(moca_checkpoint, tiny_
     inputs = _inputs(image_path)
     expected = {
         "encode": model.encode(inputs),
-        "query": model.encode_queries(inputs),
+        "query": model.encode(inputs, prompt=QUERY_PROMPT),
         "document": model.encode_documents(inputs),
+        "named": model.encode(inputs, prompt_name="caption"),
         "truncated": model.encode(inputs, truncate_dim=32),
         "single": model.encode(inputs[2]),
     }
-    # The default query prompt has text after `{text}`: a prefix-only reading of it would embed differently.
-    prefix_only = model.encode(inputs, prompt=model.config.query_prompt.split("{text}")[0])
+    # The query prompt has text after `{text}`: a prefix-only reading of it would embed differently.
+    prefix_only = model.encode(inputs, prompt=QUERY_PROMPT.split("{text}")[0])
     assert (prefix_only[0] - expected["query"][0]).abs().max() > 1e-3
 
     reloaded_from = tmp_path / "saved_by_sentence_transformers"

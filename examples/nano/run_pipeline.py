@@ -215,7 +215,8 @@ def evaluate(model_dir: Path, out: Path, data: Path, settings: Settings, bidirec
                          batch_size=settings.eval_batch_size)  # fmt: skip
     vidore_sets = sorted(str(p) for p in (data / "vidore").iterdir() if p.is_dir())
     vidore = evaluate_vidore(model, out / "vidore", datasets=vidore_sets, batch_size=settings.eval_batch_size,
-                             query_prompt=tasks["document_retrieval"]["query_prompt"])  # fmt: skip
+                             query_prompt=tasks["document_retrieval"]["query_prompt"],
+                             document_prompt=tasks["document_retrieval"]["document_prompt"])  # fmt: skip
     results = {"mmeb": mmeb, "vidore": vidore}
     results_file.write_text(json.dumps(results, indent=2))
     mark_current(out, key)
@@ -232,7 +233,7 @@ table = pq.read_table(data + "/mmeb/data/CaptionToImage/test-00000-of-00001.parq
 # Every candidate image of these rows: each query's image among its nine look-alikes and the other rows' images.
 images = sorted({path for row in table for path in row["tgt_img_path"]})
 queries = [row["qry_text"].replace("Find me an everyday image that matches the given caption: ", "").strip() for row in table]
-scores = model.encode_queries(queries) @ model.encode_documents([data + "/mmeb/images/" + p for p in images]).T
+scores = model.encode_queries(queries, prompt_name="caption") @ model.encode_documents([data + "/mmeb/images/" + p for p in images]).T
 ranks = []
 for query, row, row_scores in zip(queries, table, scores):
     ranked = row_scores.argsort(descending=True).tolist()

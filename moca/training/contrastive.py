@@ -768,6 +768,24 @@ def load_contrastive_model(args: ContrastiveArguments) -> MoCaModel:
     return model
 
 
+def record_task_prompts(config, tasks: Sequence[TaskSpec]) -> None:
+    """Write the prompts the model is trained with into its config, so that every checkpoint carries them.
+
+    Each task's prompts become named prompts `TASK/query` and `TASK/document` (`encode(..., prompt_name=...)`,
+    sentence-transformers' `prompt_name`). When all tasks that have a query (document) prompt share one, it
+    becomes the config's `query_prompt` (`document_prompt`), which `encode_queries` (`encode_documents`) apply.
+    """
+    prompts = dict(config.prompts or {})
+    for role in ("query", "document"):
+        given = {task.name: getattr(task, f"{role}_prompt") for task in tasks if getattr(task, f"{role}_prompt")}
+        prompts.update({f"{name}/{role}": prompt for name, prompt in given.items()})
+        if len(set(given.values())) == 1:
+            setattr(config, f"{role}_prompt", next(iter(given.values())))
+        elif given:
+            logger.info(f"tasks have different {role} prompts: pass prompt_name='TASK/{role}' to encode with one")
+    config.prompts = prompts
+
+
 def add_lora(model: MoCaModel, args: ContrastiveArguments):
     from peft import LoraConfig, get_peft_model
 

@@ -2,6 +2,7 @@
 card, and the run itself (resume, train, save)."""
 
 import functools
+import json
 import logging
 import sys
 from collections import Counter
@@ -81,8 +82,31 @@ def hub_id(name_or_path: str | None) -> str | None:
     return None
 
 
+def arguments_from_file(argv: list[str]) -> list[str]:
+    """`RECIPE.json [--flag value ...]` -> the recipe's settings as flags, then the ones given after it (which win,
+    as a later flag does). A recipe is a JSON object `{flag: value}`: lists become several values, booleans
+    `true`/`false`. (HfArgumentParser reads a JSON file only alone, without flags to override it.)"""
+    if not argv or not argv[0].endswith(".json"):
+        return argv
+    path = Path(argv[0])
+    if not path.is_file():
+        raise ValueError(f"Argument file {path}: no such file.")
+    try:
+        settings = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"Argument file {path}: not valid JSON ({error}).") from error
+    if not isinstance(settings, dict):
+        raise ValueError(f"Argument file {path}: expected a JSON object of flags, got {type(settings).__name__}.")
+    flags = []
+    for name, value in settings.items():
+        values = value if isinstance(value, list) else [value]
+        flags += [f"--{name}", *(json.dumps(v) if isinstance(v, bool) else str(v) for v in values)]
+    return flags + argv[1:]
+
+
 def parse_arguments(argument_classes: tuple, argv: list[str] | None):
-    """Parse, set up logging and seeds: the start of both training scripts."""
+    """Parse (flags, or a recipe file followed by flags), set up logging and seeds: the start of both scripts."""
+    argv = arguments_from_file(sys.argv[1:] if argv is None else list(argv))
     *arguments, training_args = HfArgumentParser(argument_classes).parse_args_into_dataclasses(args=argv)
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=training_args.get_process_log_level()
@@ -101,7 +125,9 @@ def parse_arguments(argument_classes: tuple, argv: list[str] | None):
 
 
 def flag_given(argv: list[str] | None, flag: str) -> bool:
-    return any(arg == flag or arg.startswith(flag + "=") for arg in (sys.argv[1:] if argv is None else argv))
+    """Whether `flag` is on the command line or in its recipe file."""
+    args = arguments_from_file(sys.argv[1:] if argv is None else list(argv))
+    return any(arg == flag or arg.startswith(flag + "=") for arg in args)
 
 
 class MoCaTrainer(Trainer):

@@ -17,6 +17,7 @@ local subset is that folder (the release keeps every subset's images under one i
 """
 
 import ast
+import json
 import logging
 import os
 import random
@@ -80,7 +81,7 @@ def load_source(
         builder = DATA_FILE_BUILDERS.get(path.suffix)
         if builder is None:
             raise ValueError(f"Data file {source}: unsupported format {path.suffix!r} (use parquet or jsonl).")
-        dataset, root = datasets.load_dataset(builder, data_files=str(path), split="train"), str(path.parent)
+        dataset, root = _load_data_files(builder, [str(path)]), str(path.parent)
     elif is_saved_dataset(path):
         dataset, root = datasets.load_from_disk(str(path)), str(path)
         if isinstance(dataset, datasets.DatasetDict):
@@ -89,10 +90,37 @@ def load_source(
             dataset = dataset[split]
     elif path.is_dir():
         builder, files = _data_files(path)
-        dataset, root = datasets.load_dataset(builder, data_files=files, split="train"), str(path)
+        dataset, root = _load_data_files(builder, files), str(path)
     else:
         dataset, root = datasets.load_dataset(source, subset, split=split), None
     return _keep_images_encoded(dataset), image_root if image_root is not None else root
+
+
+def _load_data_files(builder: str, files: list[str]) -> datasets.Dataset:
+    """The rows of parquet/jsonl files; a line of a jsonl file that is not JSON is an error naming file and line
+    (the `datasets` json builder reports it deep in a traceback, without the line)."""
+    try:
+        return datasets.load_dataset(builder, data_files=files, split="train")
+    except Exception:
+        for file in files:
+            if file.endswith(".jsonl"):
+                _raise_on_malformed_line(file)
+        raise
+
+
+def _raise_on_malformed_line(file: str) -> None:
+    with open(file, encoding="utf-8", errors="replace") as lines:
+        for number, line in enumerate(lines, start=1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as error:
+                shown = line if len(line) <= 80 else line[:77] + "..."
+                raise ValueError(
+                    f"Data file {file}, line {number}: not valid JSON ({error.msg}, column {error.colno}): {shown}"
+                ) from None
 
 
 def _keep_images_encoded(dataset: datasets.Dataset) -> datasets.Dataset:

@@ -11,14 +11,18 @@ from moca.training.contrastive import load_tasks
 
 
 class RecordingProcessor:
-    """Stands in for the processor: records what the collator hands it."""
+    """The tiny model's processor, recording what the collator hands it."""
 
-    def __init__(self):
+    def __init__(self, processor):
+        self.processor = processor
         self.calls = []
 
     def __call__(self, text, images, **kwargs):
         self.calls.append((text, images))
-        return {"input_ids": list(range(len(text)))}
+        return self.processor(text=text, images=images, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.processor, name)
 
 
 @pytest.fixture
@@ -35,7 +39,7 @@ def jsonl_task(tmp_path):
     return folder / "rows.jsonl"
 
 
-def test_jsonl_task_with_relative_image_paths_and_bad_rows(jsonl_task, tmp_path, caplog):
+def test_jsonl_task_with_relative_image_paths_and_bad_rows(jsonl_task, tmp_path, caplog, tiny_moca):
     config = tmp_path / "tasks.json"
     config.write_text(json.dumps({"rows": {"query_prompt": "Find: {text}", "document_prompt": "<image>Look."}}))
     with caplog.at_level(logging.WARNING):
@@ -44,7 +48,7 @@ def test_jsonl_task_with_relative_image_paths_and_bad_rows(jsonl_task, tmp_path,
     assert "skipped 1 of 3 rows (row 2: no pos_text/pos_image)" in caplog.text
     assert task.skipped_rows == {"rows: no pos_text/pos_image": 1}
 
-    processor = RecordingProcessor()
+    processor = RecordingProcessor(tiny_moca[1])
     collator = ContrastiveCollator(processor, [task])
     dataset = MultiTaskDataset([task])
     with caplog.at_level(logging.WARNING):

@@ -1,9 +1,12 @@
 """What both training stages share: arguments, model-or-backbone loading, the data loader, the MoCa model
 card, and the run itself (resume, train, save)."""
 
+import contextlib
+import fcntl
 import functools
 import json
 import logging
+import re
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -12,12 +15,16 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Sampler
 from transformers import AutoConfig, HfArgumentParser, Trainer, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint, seed_worker
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, seed_worker
 
 from ..model_card import write_model_card
 from ..modeling_moca import DTYPES
+from ..processing_moca import _PLACEHOLDER_PATTERN, count_image_placeholders
 
 logger = logging.getLogger(__name__)
+
+# The names people also write for the dtypes (the Trainer's own --bf16/--fp16 flags).
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 @dataclass
@@ -45,7 +52,10 @@ class ModelDataArguments:
         metadata={"help": "Most visual tokens an image is resized to (default: the MoCa checkpoint's bound; from a "
                           "causal VLM the release's 1024, i.e. max_pixels 1024*28*28). Saved with the model."},
     )
-    dtype: str = field(default="float32", metadata={"help": "Weights dtype.", "choices": list(DTYPES)})
+    dtype: str = field(
+        default="float32",
+        metadata={"help": f"Weights dtype: {', '.join(DTYPES)} (or {', '.join(DTYPE_ALIASES)})."},
+    )
     attn_implementation: str | None = field(
         default=None, metadata={"help": "sdpa (default), eager or flash_attention_2."}
     )
@@ -60,14 +70,23 @@ class MoCaTrainingArguments(TrainingArguments):
     max_grad_norm: float = field(default=5.0, metadata={"help": "Gradient clipping norm (the release: 5.0)."})
     # Rows are raw text and images, turned into tensors by the collator: keep every column.
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep raw columns for the collator."})
+    # transformers 5 dropped the flag; a second run into a folder of another run's checkpoints is refused without it.
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Train into an --output_dir that holds another run's checkpoints (they stay until rotated)."},
+    )
+
+
+def dtype_name(name: str) -> str:
+    """The dtype's name in `DTYPES`, also from an alias (`bf16`)."""
+    name = DTYPE_ALIASES.get(name, name)
+    if name not in DTYPES:
+        raise ValueError(f"--dtype {name}: use one of {', '.join(DTYPES)} (or {', '.join(DTYPE_ALIASES)}).")
+    return name
 
 
 def torch_dtype(name: str | None) -> torch.dtype | None:
-    if name is None:
-        return None
-    if name not in DTYPES:
-        raise ValueError(f"dtype {name!r}: use one of {list(DTYPES)}.")
-    return DTYPES[name]
+    return None if name is None else DTYPES[dtype_name(name)]
 
 
 def is_moca_checkpoint(name_or_path: str) -> bool:
@@ -112,6 +131,8 @@ def parse_arguments(argument_classes: tuple, argv: list[str] | None):
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=training_args.get_process_log_level()
     )
     for model_arguments in arguments:
+        if getattr(model_arguments, "dtype", None) is not None:
+            model_arguments.dtype = dtype_name(model_arguments.dtype)
         if getattr(model_arguments, "dtype", None) in ("bfloat16", "float16") and not (training_args.bf16 or training_args.fp16):
             raise ValueError(
                 f"--dtype {model_arguments.dtype} without --bf16/--fp16 trains half-precision weights directly: AdamW "
@@ -120,6 +141,7 @@ def parse_arguments(argument_classes: tuple, argv: list[str] | None):
     if training_args.ddp_find_unused_parameters is None:
         # A text-only batch leaves the vision tower (and the MAE head) without gradients on its process.
         training_args.ddp_find_unused_parameters = True
+    refuse_another_runs_output_dir(training_args)  # before loading anything; `run` checks again under its lock
     set_seed(training_args.seed)
     return (*arguments, training_args)
 
@@ -128,6 +150,127 @@ def flag_given(argv: list[str] | None, flag: str) -> bool:
     """Whether `flag` is on the command line or in its recipe file."""
     args = arguments_from_file(sys.argv[1:] if argv is None else list(argv))
     return any(arg == flag or arg.startswith(flag + "=") for arg in args)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rules every training input obeys, checked per row before a batch is built (a bad row is a counted skip)
+# ---------------------------------------------------------------------------------------------------------------
+
+# The Qwen-VL resizing (`smart_resize`) refuses images whose sides differ by more than this factor.
+MAX_ASPECT_RATIO = 200
+
+
+def text_problem(processor, text: str, num_images: int) -> tuple[str, str] | None:
+    """`(reason, detail)` when the text cannot go with `num_images` images, else None: placeholders that do not
+    match the images (a placeholder with no image at all included), or a control token written in the text
+    outside the image markers (such as `<|video_pad|>`, which the model would read as a video)."""
+    placeholders = count_image_placeholders(text)
+    if placeholders and placeholders != num_images:
+        return f"{placeholders} image placeholders but {num_images} images", ""
+    outside_markers = _PLACEHOLDER_PATTERN.sub("", text)
+    control = sorted(
+        token.content for token in processor.tokenizer.added_tokens_decoder.values()
+        if token.special and token.content in outside_markers
+    )  # fmt: skip
+    if control:
+        return "literal special token in the text", ", ".join(control)
+    return None
+
+
+def image_problem(processor, position: int, width: int, height: int) -> tuple[str, str] | None:
+    """`(reason, detail)` when the image processor would refuse an image of this size, else None."""
+    side = processor.token_side  # shorter sides are stretched to one merged patch first
+    width, height = max(width, side), max(height, side)
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        return f"image {position} aspect ratio over {MAX_ASPECT_RATIO}", f"{width}x{height}"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The output folder and its checkpoints
+# ---------------------------------------------------------------------------------------------------------------
+
+RUN_LOCK_FILE = ".moca_run.lock"
+_CHECKPOINT_PATTERN = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+# The Trainer's `_save_checkpoint` writes the weights first and `trainer_state.json` last: a checkpoint without
+# either was cut short while being written.
+TRAINER_STATE_FILE = "trainer_state.json"
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
+
+
+def checkpoints(output_dir: str | Path) -> list[Path]:
+    """The Trainer's `checkpoint-N` folders in `output_dir`, newest (highest N) first."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    found = [path for path in folder.iterdir() if path.is_dir() and _CHECKPOINT_PATTERN.match(path.name)]
+    return sorted(found, key=lambda path: int(_CHECKPOINT_PATTERN.match(path.name).group(1)), reverse=True)
+
+
+def missing_checkpoint_files(checkpoint: str | Path) -> list[str]:
+    """What a checkpoint lacks of what a finished write leaves (empty when it is complete)."""
+    checkpoint = Path(checkpoint)
+    missing = [] if any((checkpoint / name).is_file() for name in WEIGHT_FILES) else [" or ".join(WEIGHT_FILES)]
+    return missing + ([] if (checkpoint / TRAINER_STATE_FILE).is_file() else [TRAINER_STATE_FILE])
+
+
+def last_complete_checkpoint(output_dir: str | Path) -> str | None:
+    """The newest checkpoint whose writing finished; the newer ones that were cut short are logged and skipped."""
+    for checkpoint in checkpoints(output_dir):
+        missing = missing_checkpoint_files(checkpoint)
+        if not missing:
+            return str(checkpoint)
+        logger.warning(f"Skipping {checkpoint}: its writing did not finish (no {', '.join(missing)}).")
+    return None
+
+
+def resolve_resume(training_args: TrainingArguments) -> str | None:
+    """The checkpoint to resume from: `--resume_from_checkpoint DIR` (which must be complete), or `last`."""
+    resume = training_args.resume_from_checkpoint
+    if resume == "last":
+        return last_complete_checkpoint(training_args.output_dir)
+    if resume is not None:
+        missing = missing_checkpoint_files(resume)
+        if missing:
+            raise ValueError(
+                f"--resume_from_checkpoint {resume}: not a complete checkpoint (no {', '.join(missing)}); "
+                "`--resume_from_checkpoint last` picks the newest complete one."
+            )
+    return resume
+
+
+def refuse_another_runs_output_dir(training_args: TrainingArguments) -> None:
+    """A fresh run into a folder that holds another run's checkpoints (or its final state) would mix the two runs'
+    checkpoints and overwrite its model: refused unless resumed or `--overwrite_output_dir`."""
+    if training_args.resume_from_checkpoint is not None or training_args.overwrite_output_dir:
+        return
+    output_dir = Path(training_args.output_dir)
+    found = [path.name for path in checkpoints(output_dir)]
+    found += [TRAINER_STATE_FILE] if (output_dir / TRAINER_STATE_FILE).is_file() else []
+    if found:
+        shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+        raise ValueError(
+            f"--output_dir {output_dir} holds another run ({shown}): pass --resume_from_checkpoint last to continue "
+            "it, --overwrite_output_dir to train into it anyway, or another --output_dir."
+        )
+
+
+@contextlib.contextmanager
+def output_dir_lock(output_dir: str | Path):
+    """Held while a run writes into `output_dir`: a second run into it stops at once instead of interleaving its
+    checkpoints. An OS file lock, so a killed run leaves none behind."""
+    folder = Path(output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / RUN_LOCK_FILE
+    with open(lock, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"--output_dir {folder}: another run is writing into it (it holds {lock}).") from None
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
 
 
 class MoCaTrainer(Trainer):
@@ -141,6 +284,41 @@ class MoCaTrainer(Trainer):
     def __init__(self, *args, model_name_or_path: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.model_name_or_path = model_name_or_path
+        # The first step whose loss was not finite (0: none yet), kept on the device so that checking it costs no
+        # host sync per step; read where the Trainer syncs anyway: at logging steps, before a checkpoint, at the end.
+        # (The Trainer's `logging_nan_inf_filter` would log the average of earlier losses in its place.)
+        self._first_nonfinite_step: torch.Tensor | None = None
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self._first_nonfinite_step is None:
+            self._first_nonfinite_step = torch.zeros((), dtype=torch.long, device=loss.device)
+        seen = torch.isfinite(loss).all() | self._first_nonfinite_step.gt(0)
+        # The optimizer step this micro-batch belongs to, counted from 1 as the logs count.
+        self._first_nonfinite_step = torch.where(seen, self._first_nonfinite_step, self.state.global_step + 1)
+        return loss
+
+    def stop_on_nonfinite_loss(self) -> None:
+        """Raise, on every process, when any process has had a non-finite loss (every process calls this)."""
+        if self._first_nonfinite_step is None:
+            return
+        steps = self.accelerator.gather(self._first_nonfinite_step.reshape(1))
+        bad = steps[steps.gt(0)]
+        if len(bad):
+            raise FloatingPointError(
+                f"Non-finite loss (nan or inf) at step {int(bad.min())}: training stopped before saving it. The "
+                "checkpoints of earlier steps are intact; lower --learning_rate, check that step's data or the "
+                "starting weights."
+            )
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training log: every process gets here at the same step
+            self.stop_on_nonfinite_loss()
+        super().log(logs, start_time)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        self.stop_on_nonfinite_loss()  # never write a checkpoint of diverged weights
+        super()._save_checkpoint(model, trial)
 
     def batch_sampler_dataloader(self, batch_sampler: Sampler, seed_workers: bool = True) -> DataLoader:
         """The train data loader over `batch_sampler`, with the Trainer's data-loader settings."""
@@ -204,16 +382,18 @@ class MoCaTrainer(Trainer):
 
 
 def run(trainer: Trainer, training_args: TrainingArguments, before_save=None) -> Trainer:
-    """Train (resuming from `--resume_from_checkpoint DIR`, or `last`: the newest checkpoint in `--output_dir`),
-    then save the trainer state (the loss history, for reports) and the model (pushed with `--push_to_hub`)."""
-    resume = training_args.resume_from_checkpoint
-    if resume == "last":
-        resume = get_last_checkpoint(training_args.output_dir)
-    trainer.train(resume_from_checkpoint=resume)
-    if isinstance(trainer, MoCaTrainer):
-        trainer.log_skipped_rows()
-    trainer.save_state()
-    if before_save is not None:
-        before_save(trainer)
-    trainer.save_model()
+    """Train (resuming from `--resume_from_checkpoint DIR`, or `last`: the newest complete checkpoint in
+    `--output_dir`), then save the trainer state (the loss history, for reports) and the model (pushed with
+    `--push_to_hub`). The main process holds `--output_dir`'s lock throughout: one run writes into a folder at a time."""
+    holding = output_dir_lock(training_args.output_dir) if training_args.process_index == 0 else contextlib.nullcontext()
+    with holding:
+        refuse_another_runs_output_dir(training_args)  # again: a run may have finished in it since the arguments
+        trainer.train(resume_from_checkpoint=resolve_resume(training_args))
+        if isinstance(trainer, MoCaTrainer):
+            trainer.stop_on_nonfinite_loss()  # the last steps, when no log or checkpoint came after them
+            trainer.log_skipped_rows()
+        trainer.save_state()
+        if before_save is not None:
+            before_save(trainer)
+        trainer.save_model()
     return trainer

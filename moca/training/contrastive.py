@@ -31,11 +31,25 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from ..data import (
-    absolute_image_paths, is_release_pairs, load_image, load_source, release_pairs_to_rows, subset_source,
+    absolute_image_paths,
+    is_release_pairs,
+    load_image,
+    load_source,
+    release_pairs_to_rows,
+    subset_source,
 )  # fmt: skip
 from ..modeling_moca import MoCaModel
 from ..processing_moca import format_prompt
-from .common import ModelDataArguments, MoCaTrainer, MoCaTrainingArguments, hub_id, is_moca_checkpoint, torch_dtype
+from .common import (
+    MoCaTrainer,
+    MoCaTrainingArguments,
+    ModelDataArguments,
+    hub_id,
+    image_problem,
+    is_moca_checkpoint,
+    text_problem,
+    torch_dtype,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -466,9 +480,13 @@ class ContrastiveCollator:
 
     Queries and documents go through the model together, in one forward pass (so a data-parallel wrapper sees one
     graph per step), or in chunks of `chunk_size` inputs for GradCache; each chunk is a separately padded processor
-    batch, without pixel tensors when it has no image. A row whose image cannot be read is skipped with a warning
-    naming its task, row and field; `skipped_rows` counts the batch's skipped rows by reason (returned with the
-    batch, as the collator may run in data-loader worker processes).
+    batch, without pixel tensors when it has no image. A row that cannot be trained on is skipped with a warning
+    naming its task, row and field (`query`, `pos`, `neg`): an image that cannot be read, an input that breaks a rule
+    of CPT's validation (`rule_problem`: placeholders that do not match its images, a literal special token, an
+    image of aspect ratio over 200) and, looked for only when a batch fails, one the processor refuses or cuts to no
+    tokens (`processor_problem`).
+    `skipped_rows` counts the batch's skipped rows by reason (returned with the batch, as the collator may run in
+    data-loader worker processes).
     """
 
     def __init__(
@@ -508,60 +526,115 @@ class ContrastiveCollator:
         generator = random.Random(f"{self.seed}/{row.get('epoch', 0)}/{self.tasks[row['task']].name}/{row['row']}")
         return generator.sample(pairs, min(count, len(pairs)))
 
+    def _process(self, inputs: list[tuple[str, list]]):
+        texts = [text for text, _ in inputs]
+        images = [images for _, images in inputs]
+        return self.processor(
+            text=texts,
+            images=images if any(images) else None,
+            padding=True,
+            truncation=self.max_length is not None,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
+
     def _encode(self, inputs: list[tuple[str, list]]) -> list[dict]:
+        """The processor batches of `inputs`, `chunk_size` at a time. A `ValueError` when the processor rejects an
+        input or cuts one to no tokens at all (an image-first input whose image is longer than `max_length`: the
+        model's position code fails on it far from the row)."""
         size = self.chunk_size or len(inputs)
         chunks = []
         for start in range(0, len(inputs), size):
-            texts = [text for text, _ in inputs[start : start + size]]
-            images = [images for _, images in inputs[start : start + size]]
-            batch = self.processor(
-                text=texts,
-                images=images if any(images) else None,
-                padding=True,
-                truncation=self.max_length is not None,
-                max_length=self.max_length,
-                return_tensors="pt",
-            )
+            batch = self._process(inputs[start : start + size])
+            if not batch["attention_mask"].any(dim=1).all():
+                raise ValueError(f"an input is cut to no tokens by max_length {self.max_length}")
             chunks.append(dict(batch))
         return chunks
 
+    def rule_problem(self, text: str, images: list) -> tuple[str, str] | None:
+        """`(reason, detail)` when an input breaks a rule of CPT's validation, else None: checked on every row, as
+        cheap as reading the text and the image sizes."""
+        problem = text_problem(self.processor, text, len(images))
+        for position, image in enumerate(images):
+            problem = problem or image_problem(self.processor, position, *image.size)
+        return problem
+
+    def processor_problem(self, text: str, images: list) -> tuple[str, str] | None:
+        """`(reason, detail)` when the processor refuses an input or cuts it to no tokens, else None."""
+        try:
+            batch = self._process([(text, images)])
+        except ValueError as error:
+            return "rejected by the processor", str(error)
+        if not batch["attention_mask"].any():
+            return "cut to no tokens by max_length", f"max_length {self.max_length}"
+        return None
+
+    def _load_row(self, row: dict, task: TaskSpec, skipped: Counter) -> list[tuple[str, tuple[str, list]]] | None:
+        """The row's inputs as `(side, (text, images))`: query, positive, then its hard negatives; None (counted
+        in `skipped` and logged) when one of its images cannot be read."""
+        field = "query_image"
+        try:
+            inputs = [("query", self._side(row, "query_text", "query_image", task.query_prompt))]
+            field = "pos_image"
+            inputs.append(("pos", self._side(row, "pos_text", "pos_image", task.document_prompt)))
+            field = "neg_image"
+            inputs += [
+                ("neg", (format_prompt(task.document_prompt, text), [load_image(v) for v in _as_list(image)]))
+                for text, image in self._negatives(row)
+            ]
+        except (OSError, ValueError) as error:
+            skipped[f"{task.name}: unreadable {field}"] += 1
+            logger.warning(
+                f"skipped row {row['row']} of task {task.name!r}: unreadable {field} ({type(error).__name__}: {error})"
+            )
+            return None
+        return inputs
+
+    def _row_is_usable(self, row: dict, task: TaskSpec, inputs, skipped: Counter, check) -> bool:
+        for side, (text, images) in inputs:
+            problem = check(text, images)
+            if problem:
+                reason, detail = problem
+                skipped[f"{task.name}: {side}: {reason}"] += 1
+                logger.warning(
+                    f"skipped row {row['row']} of task {task.name!r}: {side}: {reason}" + (f" ({detail})" if detail else "")
+                )
+                return False
+        return True
+
     def __call__(self, rows: list[dict]) -> dict:
-        queries, positives, negatives, negatives_per_query, skipped = [], [], [], [], Counter()
+        skipped = Counter()
+        loaded = []
         for row in rows:
             task = self.tasks[row["task"]]
-            field = "query_image"
-            try:
-                query = self._side(row, "query_text", "query_image", task.query_prompt)
-                field = "pos_image"
-                positive = self._side(row, "pos_text", "pos_image", task.document_prompt)
-                field = "neg_image"
-                row_negatives = [
-                    (
-                        format_prompt(task.document_prompt, text),
-                        [load_image(v) for v in _as_list(image)],
-                    )
-                    for text, image in self._negatives(row)
-                ]
-            except (OSError, ValueError) as error:
-                skipped[f"{task.name}: unreadable {field}"] += 1
-                logger.warning(
-                    f"skipped row {row['row']} of task {task.name!r}: unreadable {field} ({type(error).__name__}: "
-                    f"{error})"
-                )
-                continue
-            queries.append(query)
-            positives.append(positive)
-            negatives += row_negatives
-            negatives_per_query.append(len(row_negatives))
-        if not queries:
+            inputs = self._load_row(row, task, skipped)
+            if inputs is not None:
+                loaded.append((row, task, inputs))
+        loaded = [entry for entry in loaded if self._row_is_usable(*entry, skipped, self.rule_problem)]
+        try:
+            chunks = self._encode(self._batch_order(loaded)) if loaded else None
+        except ValueError:
+            # A row the processor cannot take fails the whole batch: find it, input by input, and skip it. Only
+            # batches holding such a row pay for this second pass.
+            loaded = [entry for entry in loaded if self._row_is_usable(*entry, skipped, self.processor_problem)]
+            chunks = self._encode(self._batch_order(loaded)) if loaded else None
+        if not loaded:
             names = sorted({self.tasks[row["task"]].name for row in rows})
             raise ValueError(f"every row of a batch of {len(rows)} rows from {names} is unusable (see warnings)")
         return {
-            "chunks": self._encode(queries + positives + negatives),
-            "num_queries": len(queries),
-            "negatives_per_query": negatives_per_query,
+            "chunks": chunks,
+            "num_queries": len(loaded),
+            "negatives_per_query": [len(inputs) - 2 for _, _, inputs in loaded],
             "skipped_rows": skipped,
         }
+
+    @staticmethod
+    def _batch_order(loaded) -> list[tuple[str, list]]:
+        """The queries, then their positives in the same order, then every row's hard negatives, row by row."""
+        queries = [inputs[0][1] for _, _, inputs in loaded]
+        positives = [inputs[1][1] for _, _, inputs in loaded]
+        negatives = [value for _, _, inputs in loaded for _, value in inputs[2:]]
+        return queries + positives + negatives
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -34,7 +34,15 @@ from ..data import absolute_image_paths, load_image, load_source, require_column
 from ..modeling_moca import MoCaModel, MoCaPreTrainedModel
 # The processor's own placeholder pattern, so that the cost estimate expands images exactly as the collator does.
 from ..processing_moca import _PLACEHOLDER_PATTERN, IMAGE_PLACEHOLDER, MoCaProcessor, count_image_placeholders
-from .common import ModelDataArguments, MoCaTrainer, MoCaTrainingArguments, is_moca_checkpoint, torch_dtype
+from .common import (
+    MoCaTrainer,
+    MoCaTrainingArguments,
+    ModelDataArguments,
+    image_problem,
+    is_moca_checkpoint,
+    text_problem,
+    torch_dtype,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -393,20 +401,24 @@ def inspect_row(row: dict, processor: MoCaProcessor, max_length: int) -> dict:
     if not text.strip() and not images:
         result["skip_reason"] = "empty text"
         return result
-    placeholders = count_image_placeholders(text)
-    if placeholders and placeholders != len(images):
-        result["skip_reason"] = f"{placeholders} image placeholders but {len(images)} images"
+    problem = text_problem(processor, text, len(images))
+    if problem:
+        result["skip_reason"], result["skip_detail"] = problem
         return result
 
     tokens_per_image = []
     for position, image in enumerate(images):
         try:
             width, height = load_image(image).size
-            tokens_per_image.append(processor.image_tokens(width, height))
-        except Exception as error:  # any decoding or size error makes the row unusable, whatever its kind
+        except Exception as error:  # any decoding error makes the row unusable, whatever its kind
             result["skip_reason"] = f"image {position} unreadable"
             result["skip_detail"] = f"{type(error).__name__}: {error}"
             return result
+        problem = image_problem(processor, position, width, height)
+        if problem:
+            result["skip_reason"], result["skip_detail"] = problem
+            return result
+        tokens_per_image.append(processor.image_tokens(width, height))
 
     ids = processor.tokenizer(expanded_text(processor, text, tokens_per_image), add_special_tokens=True)["input_ids"]
     (kept,), keep_image = processor._truncate([ids], max_length)
@@ -425,8 +437,8 @@ def prepare_cpt_dataset(dataset: datasets.Dataset, processor, max_length: int, n
     """Validate every row once, before training: returns `(dataset, skipped)` where `dataset` keeps the good
     rows with their `length`, `cost` and original `row_id`, and `skipped` counts the bad rows by reason.
 
-    Bad rows (unreadable image, placeholder/image count mismatch, empty text, a first image longer than
-    `max_length`) are skipped with one warning per reason, so that one broken sample never stops a long run.
+    Bad rows (unreadable image, placeholder/image count mismatch, a literal special token such as `<|video_pad|>`,
+    an image of aspect ratio over 200, empty text, a first image longer than `max_length`) are skipped with one warning per reason, so that one broken sample never stops a long run.
     """
     dataset = dataset.add_column("row_id", list(range(len(dataset))))
     dataset = dataset.map(
@@ -437,9 +449,12 @@ def prepare_cpt_dataset(dataset: datasets.Dataset, processor, max_length: int, n
     skipped = Counter(reason for reason in reasons if reason)
     if skipped:
         for reason, count in skipped.most_common():
-            logger.warning("Skipping %d of %d rows: %s", count, len(dataset), reason)
-        first = next(i for i, reason in enumerate(reasons) if reason)
-        logger.warning("First skipped row: index %d, %s %s", first, reasons[first], dataset[first]["skip_detail"])
+            first = reasons.index(reason)
+            detail = dataset[first]["skip_detail"]
+            logger.warning(
+                "Skipping %d of %d rows: %s (first: row %d%s)", count, len(dataset), reason, first,
+                f", {detail}" if detail else "",
+            )
         dataset = dataset.filter(lambda reason: not reason, input_columns="skip_reason", num_proc=num_proc)
     if len(dataset) == 0:
         raise ValueError(f"No usable rows left after validation: {dict(skipped)}")

@@ -1,7 +1,6 @@
 """Model loading and cached, resumable, multi-process encoding shared by the MMEB and ViDoRe evaluations."""
 
 import hashlib
-import json
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -15,6 +14,8 @@ from accelerate.utils import gather, parse_flag_from_env
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from moca.cli import DEFAULT_MAX_LENGTH, check_model_path
+from moca.fingerprint import file_stamp, model_fingerprint  # noqa: F401 (eval's names for them)
 from moca.modeling_moca import DTYPES
 
 logger = logging.getLogger(__name__)
@@ -32,7 +33,8 @@ class EvalArguments:
     output_dir: str = field(metadata={"help": "Where the results (json, md, png) and the embedding cache go."})
     batch_size: int = field(default=16, metadata={"help": "Inputs per forward pass."})
     max_length: int | None = field(
-        default=None, metadata={"help": "Longest input in tokens; longer text is cut (not cut when not given)."}
+        default=DEFAULT_MAX_LENGTH,
+        metadata={"help": "Longest input in tokens; longer text is cut (default: the training length); 0: no cut."},
     )
     cache_dir: str | None = field(
         default=None, metadata={"help": "Embedding cache folder; OUTPUT_DIR/embedding_cache when not given."}
@@ -48,6 +50,16 @@ class EvalArguments:
         metadata={"help": f"Weights dtype ({', '.join(DTYPES)}); bfloat16 on an accelerator and float32 on CPU "
                           "when not given."},
     )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Load through the Python files shipped with the checkpoint instead of the installed moca "
+                          "package (which loads every MoCa checkpoint itself)."},
+    )
+
+    def __post_init__(self):
+        if self.max_length is not None and self.max_length < 0:
+            raise ValueError(f"--max_length must be 0 (no cut) or positive, got {self.max_length}")
+        self.max_length = self.max_length or None
 
 
 def embedding_cache(model, output_dir, cache_dir=None, max_length: int | None = None) -> "EmbeddingCache":
@@ -71,16 +83,25 @@ def load_model(
     device: str | torch.device | None = None,
     revision: str | None = None,
     image_tokens: tuple[int | None, int | None] = (None, None),
+    trust_remote_code: bool = False,
 ):
-    """Load a MoCa checkpoint (local folder or Hub name, at `revision`) through its remote code, in eval mode.
+    """Load a MoCa checkpoint (local folder or Hub name, at `revision`) in eval mode.
 
-    `dtype` defaults to bfloat16 on an accelerator and float32 on CPU; `device` to this process's device
-    (one accelerator per process under `accelerate launch`). `image_tokens` overrides the (fewest, most)
-    visual tokens per image the checkpoint's processor stores (`None` keeps a bound).
+    The installed package's `MoCaModel` loads it unless `trust_remote_code`, which runs the checkpoint's own
+    Python files instead (code from the checkpoint's author). `dtype` defaults to bfloat16 on an accelerator and
+    float32 on CPU; `device` to this process's device (one accelerator per process under `accelerate launch`).
+    `image_tokens` overrides the (fewest, most) visual tokens per image the checkpoint's processor stores (`None`
+    keeps a bound).
     """
-    from transformers import AutoConfig, AutoModel
+    from transformers import PretrainedConfig
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
-    model_type = AutoConfig.from_pretrained(name_or_path, trust_remote_code=True, revision=revision).model_type
+    from moca.modeling_moca import MoCaModel
+
+    check_model_path(name_or_path, "--model_name_or_path")
+    # The config as plain JSON: reading the model type needs no code, remote or ours.
+    config = PretrainedConfig.get_config_dict(name_or_path, revision=revision)[0]
+    model_type = config.get("model_type")
     if model_type != "moca":
         raise ValueError(
             f"{name_or_path} is a {model_type!r} checkpoint, not a MoCa one (model_type 'moca'). Checkpoints of the "
@@ -91,36 +112,20 @@ def load_model(
         dtype = "float32" if device.type == "cpu" else "bfloat16"
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}: use one of {sorted(DTYPES)}")
-    model = AutoModel.from_pretrained(name_or_path, trust_remote_code=True, revision=revision, dtype=DTYPES[dtype])
+    if trust_remote_code:
+        # Not `AutoModel(trust_remote_code=True)`: with this package imported, AutoModel picks the installed class.
+        class_ref = config.get("auto_map", {}).get("AutoModel")
+        if class_ref is None:
+            raise ValueError(f"{name_or_path} ships no model code (no auto_map.AutoModel in its config.json).")
+        model_class = get_class_from_dynamic_module(class_ref, name_or_path, revision=revision)
+        model = model_class.from_pretrained(name_or_path, revision=revision, dtype=DTYPES[dtype])
+    else:
+        model = MoCaModel.from_pretrained(name_or_path, revision=revision, dtype=DTYPES[dtype])
     if any(bound is not None for bound in image_tokens):
         if model.processor is None:
             raise ValueError(f"{name_or_path} has no processor files: no image resolution to set.")
         model.processor.set_image_token_bounds(*image_tokens)
     return model.to(device).eval()
-
-
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """A short hash that changes when the model's config, processor settings or weights change.
-
-    Hashing every weight of a 7B model would take seconds per run, so each tensor contributes its name, shape,
-    dtype and its first and last 256 values: any training step changes those.
-    """
-    digest = hashlib.blake2b(digest_size=8)
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "to_json_string"):
-        settings = json.loads(config.to_json_string(use_diff=False))
-        for where_it_came_from in ("_name_or_path", "architectures", "auto_map", "transformers_version"):
-            settings.pop(where_it_came_from, None)  # a moved or re-saved checkpoint embeds the same way
-        digest.update(json.dumps(settings, sort_keys=True).encode())
-    image_processor = getattr(getattr(model, "processor", None), "image_processor", None)
-    if image_processor is not None and hasattr(image_processor, "to_json_string"):
-        digest.update(image_processor.to_json_string().encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        flat = tensor.detach().reshape(-1)
-        sample = torch.cat([flat[:256], flat[-256:]]).cpu().contiguous()
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(sample.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def content_key(kind: str, *parts: str | bytes) -> bytes:
@@ -130,12 +135,6 @@ def content_key(kind: str, *parts: str | bytes) -> bytes:
         digest.update(b"\x00")
         digest.update(part if isinstance(part, bytes) else part.encode())
     return digest.digest()
-
-
-def file_stamp(path: Path) -> str:
-    """Stands for a file's content without reading it: its size and modification time."""
-    stat = path.stat()
-    return f"{stat.st_size}|{stat.st_mtime_ns}"
 
 
 class EmbeddingCache:

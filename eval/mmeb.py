@@ -19,7 +19,17 @@ import torch.nn.functional as F
 from accelerate import PartialState
 from transformers import HfArgumentParser
 
-from .encoding import EvalArguments, content_key, embedding_cache, encode_with_cache, file_stamp, init_processes, load_model
+from moca.cli import count_truncated
+
+from .encoding import (
+    EvalArguments,
+    content_key,
+    embedding_cache,
+    encode_with_cache,
+    file_stamp,
+    init_processes,
+    load_model,
+)
 from .metrics import load_metric
 from .report import bar_plot, markdown_table, write_results
 
@@ -96,6 +106,23 @@ def local_subsets(data_dir: str | Path) -> list[str]:
     """Subset folders of a local data folder that hold parquet files: the benchmark's in its order, then others."""
     found = {path.parent.name for path in Path(data_dir).glob("*/*.parquet")}
     return [name for name in MMEB_SUBSETS if name in found] + sorted(found - set(MMEB_SUBSETS))
+
+
+def check_local_subsets(data_dir: str | Path, subsets: list[str]) -> None:
+    """Raise, listing what the folder holds, unless every requested subset is there (none requested: an
+    empty results table that looks like a finished run)."""
+    found = local_subsets(data_dir)
+    missing = [subset for subset in subsets if subset not in found]
+    if subsets and not missing:
+        return
+    if not Path(data_dir).is_dir():
+        raise MMEBDataError(f"MMEB --data_dir {data_dir}: no such folder")
+    flat = sorted(path.name for path in Path(data_dir).glob("*.parquet"))
+    raise MMEBDataError(
+        f"MMEB --data_dir {data_dir}: subset(s) {missing or 'none'} not found; subset folders found: {found or 'none'} "
+        "(each subset is a folder <subset>/ of parquet files"
+        + (f"; parquet files directly in the folder, {flat[:5]}, belong in subset folders)" if flat else ")")
+    )
 
 
 def load_subset(subset: str, dataset: str = DEFAULT_DATASET, data_dir: str | Path | None = None) -> datasets.Dataset:
@@ -241,6 +268,8 @@ def evaluate_mmeb(
     table = subset_metadata(data_dir)
     if subsets is None:
         subsets = local_subsets(data_dir) if data_dir is not None else list(MMEB_SUBSETS)
+    if data_dir is not None:
+        check_local_subsets(data_dir, subsets)
     unknown = [subset for subset in subsets if subset not in table]
     if unknown:
         raise MMEBDataError(
@@ -262,6 +291,7 @@ def evaluate_mmeb(
             description=f"MMEB {subset} ({number}/{len(subsets)})",
         )
         scores, positives = score_subset(parsed, embeddings)
+        truncated = count_truncated(model, parsed.inputs, max_length)
         category, split = table[subset]
         computed = metric.compute(predictions=scores, references=positives, per_query=True)
         per_subset[subset] = {
@@ -270,6 +300,7 @@ def evaluate_mmeb(
             "per_query": computed["per_query"],
             "num_rows": len(scores),
             "num_inputs": len(parsed.inputs),
+            "num_truncated": truncated,  # inputs longer than max_length tokens, embedded cut
             "category": category,
             "split": split,
         }
@@ -279,6 +310,8 @@ def evaluate_mmeb(
         "benchmark": "MMEB",
         "model": model_name or getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__,
         "metric": "precision_at_1",
+        "max_length": max_length,
+        "num_truncated": sum(subset["num_truncated"] for subset in per_subset.values()),
         "subsets": per_subset,
         **summarize(per_subset),
     }
@@ -331,7 +364,10 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     init_processes()
     model = load_model(
-        args.model_name_or_path, dtype=args.dtype, image_tokens=(args.min_image_tokens, args.max_image_tokens)
+        args.model_name_or_path,
+        dtype=args.dtype,
+        image_tokens=(args.min_image_tokens, args.max_image_tokens),
+        trust_remote_code=args.trust_remote_code,
     )
     results = evaluate_mmeb(
         model,
@@ -347,6 +383,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     if PartialState().is_main_process:
         print((Path(args.output_dir) / "mmeb_results.md").read_text())
+        print(f"{results['num_truncated']} inputs cut to --max_length {args.max_length}" if args.max_length else "No cut.")
     return results
 
 

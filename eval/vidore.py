@@ -22,6 +22,7 @@ from accelerate import PartialState
 from PIL import Image
 from transformers import HfArgumentParser
 
+from moca.cli import count_truncated
 from moca.configuration_moca import RELEASE_PROMPTS
 from moca.data import load_image
 
@@ -87,7 +88,30 @@ def _page_bytes(name: str, row: int, image) -> bytes:
 
 
 def _open_page(name: str, corpus: hf_datasets.Dataset, row: int) -> Image.Image:
-    return load_image(_page_bytes(name, row, corpus[row]["image"]))
+    page = corpus[row]
+    try:
+        return load_image(_page_bytes(name, row, page["image"]))
+    except ViDoReDataError:
+        raise
+    except (ValueError, OSError) as error:  # a truncated or corrupt page, found only when it is decoded
+        raise ViDoReDataError(
+            f"ViDoRe dataset {name!r}, config 'corpus', row {row} (corpus-id {page['corpus-id']!r}), field 'image': {error}"
+        ) from error
+
+
+def _count_truncated_pages(model, name: str, corpus: hf_datasets.Dataset, prompt: str, max_length: int | None) -> int:
+    """Pages longer than `max_length` tokens with `prompt`, from the image headers (read in slices)."""
+    if max_length is None:
+        return 0
+    return sum(
+        count_truncated(
+            model,
+            [{"image": _page_bytes(name, row, image)} for row, image in enumerate(corpus[start : start + 64]["image"], start)],
+            max_length,
+            prompt,
+        )
+        for start in range(0, len(corpus), 64)
+    )
 
 
 @dataclass
@@ -203,6 +227,10 @@ def evaluate_vidore(
             predictions=scores.tolist(), references=data.relevance.tolist(), k_values=list(K_VALUES)
         )
         result["num_documents"] = len(data.corpus)
+        # Inputs longer than max_length tokens, embedded cut.
+        result["num_truncated"] = count_truncated(model, data.query_texts, max_length, query_prompt) + (
+            _count_truncated_pages(model, name, data.corpus, document_prompt, max_length)
+        )
         per_dataset[name] = result
         logger.info("ViDoRe %s: nDCG@5 %.4f", name, result["ndcg_at_5"])
 
@@ -211,6 +239,8 @@ def evaluate_vidore(
         "benchmark": "ViDoRe-v2",
         "model": model_name or getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__,
         "metric": "ndcg_at_5",
+        "max_length": max_length,
+        "num_truncated": sum(result["num_truncated"] for result in per_dataset.values()),
         "datasets": per_dataset,
         "average": {n: float(np.mean([r[n] for r in per_dataset.values()])) for n in names},
     }
@@ -252,7 +282,10 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     init_processes()
     model = load_model(
-        args.model_name_or_path, dtype=args.dtype, image_tokens=(args.min_image_tokens, args.max_image_tokens)
+        args.model_name_or_path,
+        dtype=args.dtype,
+        image_tokens=(args.min_image_tokens, args.max_image_tokens),
+        trust_remote_code=args.trust_remote_code,
     )
     results = evaluate_vidore(
         model,
@@ -267,6 +300,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     if PartialState().is_main_process:
         print((Path(args.output_dir) / "vidore_results.md").read_text())
+        print(f"{results['num_truncated']} inputs cut to --max_length {args.max_length}" if args.max_length else "No cut.")
     return results
 
 

@@ -6,29 +6,37 @@
 The flags are named as in the training scripts and the evaluations (`--model` and `--input` are aliases).
 
 An index holds the embeddings and, per item, its id, text and image path: a safetensors file (the item
-columns as JSON in its metadata) or a parquet file (one row per item). Embedding runs in chunks saved next to
-the output (`OUTPUT.partial/`), so an interrupted run resumes where it stopped.
+columns as JSON in its metadata) or a parquet file (one row per item), with the fingerprint of the model that
+made it (`search` refuses another). Embedding runs in chunks saved next to the output (`OUTPUT.partial/`), so an
+interrupted run resumes where it stopped, from the chunks of the same weights and item contents only; `OUTPUT.lock`
+keeps a second run off the same output. Unreadable files are skipped and counted (`--strict` stops at the first).
 """
 
 import argparse
 import hashlib
 import json
+import logging
 import os
 import shutil
-from dataclasses import dataclass
+import socket
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import safe_open, save_file
 
 from .data import absolute_image_paths, is_saved_dataset, load_source
+from .fingerprint import file_stamp, model_fingerprint
 from .modeling_moca import DTYPES
-from .processing_moca import IMAGE_EXTENSIONS
+from .processing_moca import IMAGE_EXTENSIONS, IMAGE_PLACEHOLDER, load_image, parse_input
 
+logger = logging.getLogger(__name__)
 
 TEXT_EXTENSIONS = (".txt", ".md")
 INDEX_FORMATS = (".safetensors", ".parquet")
+# The release trains at 1,280 tokens; without a cut one 16k-token text takes 2.6 GB (attention is quadratic).
+DEFAULT_MAX_LENGTH = 1280
 
 
 @dataclass
@@ -38,14 +46,103 @@ class Index:
     texts: list[str | None]
     images: list[str | None]
     model: str
+    # Which weights made the embeddings (`moca.fingerprint.model_fingerprint`) and in which dtype: a search
+    # with other weights would compare vectors of two different spaces.
+    model_fingerprint: str = ""
+    dtype: str | None = None
+    skipped: list[str] = field(default_factory=list)  # "id: why" of each item that could not be read
+    truncated: int = 0  # items longer than max_length tokens, embedded cut
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+
+def check_model_path(name_or_path: str, flag: str) -> None:
+    """A one-line error for a model that is neither a local folder nor a Hub id, before transformers raises
+    "Repo id must be in the form ..." about a path that simply does not exist."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if Path(name_or_path).exists():
+        return
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError:
+        raise ValueError(f"{flag} {name_or_path}: no such folder, and not a Hub model id (owner/name).") from None
+
+
+def token_lengths(processor, items: list[tuple[str, list]]) -> list[int]:
+    """Tokens of `parse_inputs` items, from the text's tokens and the image headers (no pixels decoded)."""
+    vision = processor.vision_start_token + processor.vision_end_token
+    backbone_marker = processor.vision_start_token + processor.image_token + processor.vision_end_token
+    texts = []
+    for text, images in items:
+        # Each image becomes start + visual tokens + end; `image_cost` counts the visual tokens.
+        text = text.replace(backbone_marker, vision).replace(IMAGE_PLACEHOLDER, vision)
+        texts.append(text if vision in text or not images else vision * len(images) + text)
+    encoded = processor.tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else []
+    return [len(ids) + sum(int(processor.image_cost(image)) for image in images) for ids, (_, images) in zip(encoded, items)]
+
+
+def count_truncated(model, inputs, max_length: int | None, prompt: str | None = None) -> int:
+    """How many of `inputs` (as `encode` takes them, with `prompt`) are longer than `max_length` tokens."""
+    processor = getattr(model, "processor", None)
+    if max_length is None or processor is None or not inputs:
+        return 0
+    items = processor.parse_inputs(inputs, prompt, image_prompt=model.config.image_prompt)
+    return sum(length > max_length for length in token_lengths(processor, items))
+
+
+class OutputLock:
+    """`OUTPUT.lock` holding the writer's host and pid: a second run on one output refuses at once, a lock left
+    by a killed run (its pid gone, on this host) is taken over."""
+
+    def __init__(self, output: Path):
+        self.path = output.with_name(output.name + ".lock")
+        self.owner = f"{socket.gethostname()} {os.getpid()}"
+
+    def __enter__(self):
+        for _ in range(2):
+            try:
+                descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                if self._holder_alive():
+                    raise RuntimeError(
+                        f"Another `moca embed` ({self.path.read_text().strip() or 'starting'}) is writing "
+                        f"{self.path.with_suffix('')}; its lock file is {self.path} (delete it if that run is gone)."
+                    ) from None
+                self.path.unlink(missing_ok=True)  # stale: taken over on the next try
+                continue
+            with os.fdopen(descriptor, "w") as lock_file:
+                lock_file.write(self.owner)
+            return self
+        raise RuntimeError(f"Another `moca embed` took the lock {self.path} at the same time; run again later.")
+
+    def _holder_alive(self) -> bool:
+        try:
+            host, pid = self.path.read_text().split()
+        except (FileNotFoundError, ValueError):
+            return True  # being written by its owner right now
+        if host != socket.gethostname():
+            return True  # a pid of another machine cannot be checked from here
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True  # alive, another user's
+        return True
+
+    def __exit__(self, *exc_info):
+        self.path.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------- inputs
 
 
-def folder_items(folder: Path) -> tuple[list[str], list, list[str | None], list[str | None]]:
-    """Every image and text file under `folder` (sorted): ids (relative paths), encode inputs, texts, image paths."""
-    ids, inputs, texts, images = [], [], [], []
+def folder_items(folder: Path, strict: bool = False):
+    """Every image and text file under `folder` (sorted): ids (relative paths), encode inputs, texts, image
+    paths, and "path: why" of each text file that cannot be read (skipped; the first raises with `strict`)."""
+    ids, inputs, texts, images, skipped = [], [], [], [], []
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         suffix = path.suffix.lower()
         if suffix in IMAGE_EXTENSIONS:
@@ -53,20 +150,28 @@ def folder_items(folder: Path) -> tuple[list[str], list, list[str | None], list[
             texts.append(None)
             images.append(str(path.resolve()))
         elif suffix in TEXT_EXTENSIONS:
-            text = path.read_text(encoding="utf-8").strip()
-            if not text:
-                raise ValueError(f"{path}: empty text file.")
+            try:
+                text = path.read_bytes().decode("utf-8").strip()
+                if not text:
+                    raise ValueError("empty text file")
+            except (UnicodeDecodeError, ValueError) as error:
+                problem = f"{path}: {error}"
+                if strict:
+                    raise ValueError(f"{problem} (--strict stops at the first unreadable file)") from error
+                logger.warning("Skipped %s", problem)
+                skipped.append(problem)
+                continue
             inputs.append(text)
             texts.append(text)
             images.append(None)
         else:
             continue
         ids.append(str(path.relative_to(folder)))
-    if not ids:
+    if not ids and not skipped:
         raise ValueError(
             f"{folder}: no image ({', '.join(IMAGE_EXTENSIONS)}) or text ({', '.join(TEXT_EXTENSIONS)}) files."
         )
-    return ids, inputs, texts, images
+    return ids, inputs, texts, images, skipped
 
 
 class DatasetItems:
@@ -113,6 +218,75 @@ def dataset_items(name: str, split: str, text_column: str | None, image_column: 
 # ---------------------------------------------------------------------------------------------- embed
 
 
+def _image_content(image) -> bytes:
+    if image is None:
+        return b""
+    if isinstance(image, (list, tuple)):
+        return b"".join(_image_content(part) for part in image)
+    if isinstance(image, dict):  # an undecoded `datasets` image
+        return image.get("bytes") or _image_content(image.get("path"))
+    if isinstance(image, (bytes, bytearray)):
+        return bytes(image)
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        return f"{path}|{file_stamp(path) if path.is_file() else 'missing'}".encode()
+    return f"{image.mode}|{image.size}|".encode() + image.tobytes()  # a decoded PIL image
+
+
+def content_key(ids: list[str], inputs: list) -> str:
+    """Hash of items' ids and contents (texts, image bytes, or image files' size and modification time)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for item_id, item in zip(ids, inputs):
+        text, image = (item.get("text"), item.get("image")) if isinstance(item, dict) else (item, None)
+        if isinstance(text, os.PathLike):  # a folder's image file
+            text, image = None, text
+        for part in (item_id.encode(), (text or "").encode(), _image_content(image)):
+            digest.update(len(part).to_bytes(8, "little") + part)
+    return digest.hexdigest()
+
+
+def _unreadable_image(item) -> str | None:
+    """Why an image of an `encode` input cannot be decoded, or None."""
+    for image in parse_input(item)[1]:
+        try:
+            load_image(image)
+        except ValueError as error:
+            return str(error)
+    return None
+
+
+def _encode_chunk(model, ids: list[str], inputs: list, strict: bool, **encode_kwargs):
+    """Embeddings of a chunk's readable items, which of them were kept, and "id: why" of each skipped one.
+
+    The chunk is encoded in one call; only when that fails are its items encoded one at a time, so that an
+    unreadable image is skipped (or, with `strict`, raised) and any other error names its item.
+    """
+    try:
+        return model.encode_documents(inputs, **encode_kwargs), [True] * len(ids), []
+    except ValueError:
+        pass
+    embeddings, kept, skipped = [], [], []
+    for item_id, item in zip(ids, inputs):
+        try:
+            why = _unreadable_image(item)
+        except ValueError as error:
+            raise ValueError(f"Item {item_id!r}: {error}") from error
+        if why is not None:
+            if strict:
+                raise ValueError(f"Item {item_id!r}: {why} (--strict stops at the first unreadable file)")
+            logger.warning("Skipped %s: %s", item_id, why)
+            skipped.append(f"{item_id}: {why}")
+            kept.append(False)
+            continue
+        try:
+            embeddings.append(model.encode_documents([item], **encode_kwargs))
+        except ValueError as error:
+            raise ValueError(f"Item {item_id!r}: {error}") from error
+        kept.append(True)
+    dim = model.config.hidden_size
+    return (torch.cat(embeddings) if embeddings else torch.empty(0, dim)), kept, skipped
+
+
 def embed(
     model_path: str,
     input_path: str,
@@ -124,12 +298,17 @@ def embed(
     image_column: str | None = None,
     id_column: str | None = None,
     dtype: str | None = None,
-    max_length: int | None = None,
+    max_length: int | None = DEFAULT_MAX_LENGTH,
     show_progress_bar: bool = True,
     image_tokens: tuple[int | None, int | None] = (None, None),
     prompt_name: str | None = None,
+    strict: bool = False,
 ) -> Index:
-    """Embed every item of a folder or dataset as a document and write the index to `output`."""
+    """Embed every item of a folder or dataset as a document and write the index to `output`.
+
+    Items whose text file or image cannot be read are skipped, named in a warning and in `Index.skipped`
+    (`strict`: the first raises). Items longer than `max_length` tokens (None: no cut) are cut and counted.
+    """
     from tqdm.auto import tqdm
 
     from .modeling_moca import MoCaModel
@@ -137,50 +316,102 @@ def embed(
     output = Path(output)
     if output.suffix not in INDEX_FORMATS:
         raise ValueError(f"--output must end with {' or '.join(INDEX_FORMATS)}, got {output.name!r}.")
-    if Path(input_path).is_dir() and not is_saved_dataset(Path(input_path)):
-        ids, inputs, texts, images = folder_items(Path(input_path))
-    else:
-        ids, inputs, texts, images = dataset_items(input_path, split, text_column, image_column, id_column)
-    model = MoCaModel.from_pretrained(model_path, dtype=DTYPES[dtype] if dtype else None).eval()
-    _set_image_tokens(model, image_tokens)
+    if max_length is not None and max_length < 1:
+        raise ValueError(f"--max_length must be positive (0 on the command line: no cut), got {max_length}.")
+    check_model_path(model_path, "--model_name_or_path")
+    with OutputLock(output):
+        if Path(input_path).is_dir() and not is_saved_dataset(Path(input_path)):
+            ids, inputs, texts, images, skipped = folder_items(Path(input_path), strict)
+        else:
+            ids, inputs, texts, images = dataset_items(input_path, split, text_column, image_column, id_column)
+            skipped = []
+        model = MoCaModel.from_pretrained(model_path, dtype=DTYPES[dtype] if dtype else None).eval()
+        fingerprint = model_fingerprint(model)  # of the checkpoint as stored, as `search` loads it
+        _set_image_tokens(model, image_tokens)
+        prompt = model.resolve_prompt(None, prompt_name) if prompt_name else model.config.document_prompt
 
-    # Chunks of embeddings go to disk as they are done: a rerun with the same model and items resumes.
-    partial = output.with_name(output.name + ".partial")
-    fingerprint = hashlib.sha256(json.dumps([str(model_path), ids, dtype, max_length, list(image_tokens), prompt_name]).encode()).hexdigest()
-    if partial.exists() and (partial / "fingerprint").read_text() != fingerprint:
+        # Chunks of embeddings go to disk as they are done. A rerun resumes from them only with the same weights
+        # and settings (else they are all dropped), and a chunk only if its items' ids and contents are the same.
+        partial = output.with_name(output.name + ".partial")
+        run_key = json.dumps([fingerprint, dtype, max_length, list(image_tokens), prompt_name, strict])
+        if partial.exists() and (
+            not (partial / "run").is_file() or (partial / "run").read_text() != run_key
+        ):
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True, exist_ok=True)
+        (partial / "run").write_text(run_key)
+
+        chunks, kept, truncated = [], [], 0
+        encode_kwargs = {"batch_size": batch_size, "max_length": max_length, "prompt_name": prompt_name,
+                         "show_progress_bar": False}  # fmt: skip
+        with tqdm(total=len(ids), desc="Embedding", unit="item", disable=not show_progress_bar) as progress:
+            for start in range(0, len(ids), chunk_size):
+                chunk_ids, chunk_inputs = ids[start : start + chunk_size], inputs[start : start + chunk_size]
+                key = content_key(chunk_ids, chunk_inputs)
+                chunk_file = partial / f"{start:09d}.safetensors"
+                saved = _read_chunk(chunk_file, key)
+                if saved is None:
+                    embeddings, chunk_kept, chunk_skipped = _encode_chunk(
+                        model, chunk_ids, chunk_inputs, strict, **encode_kwargs
+                    )
+                    finite = torch.isfinite(embeddings).all(dim=-1)
+                    if not finite.all():  # a NaN index would be searched without complaint
+                        first = [item for item, keep in zip(chunk_ids, chunk_kept) if keep][int((~finite).nonzero()[0])]
+                        raise ValueError(f"Item {first!r}: the model gave a non-finite embedding (NaN or inf weights?).")
+                    kept_inputs = [item for item, keep in zip(chunk_inputs, chunk_kept) if keep]
+                    saved = embeddings, chunk_kept, chunk_skipped, count_truncated(model, kept_inputs, max_length, prompt)
+                    _write_chunk(chunk_file, key, *saved)
+                chunks.append(saved[0])
+                kept.extend(saved[1])
+                skipped.extend(saved[2])
+                truncated += saved[3]
+                progress.update(len(chunk_ids))
+
+        if not any(kept):
+            raise ValueError(f"{input_path}: none of the {len(ids) + len(skipped)} items could be read: {skipped[:3]}")
+        model_name = str(Path(model_path).resolve()) if Path(model_path).is_dir() else model_path
+        keep = [i for i, k in enumerate(kept) if k]
+        index = Index(
+            torch.cat(chunks), [ids[i] for i in keep], [texts[i] for i in keep], [images[i] for i in keep],
+            model_name, fingerprint, dtype, skipped, truncated,
+        )  # fmt: skip
+        write_index(index, output)
         shutil.rmtree(partial)
-    partial.mkdir(parents=True, exist_ok=True)
-    (partial / "fingerprint").write_text(fingerprint)
-
-    chunks = []
-    with tqdm(total=len(ids), desc="Embedding", unit="item", disable=not show_progress_bar) as progress:
-        for start in range(0, len(ids), chunk_size):
-            chunk_file = partial / f"{start:09d}.safetensors"
-            if chunk_file.exists():
-                chunks.append(load_file(chunk_file)["embeddings"])
-            else:
-                try:
-                    embeddings = model.encode_documents(
-                        inputs[start : start + chunk_size], batch_size=batch_size, max_length=max_length,
-                        prompt_name=prompt_name, show_progress_bar=False,
-                    )  # fmt: skip
-                except ValueError as error:  # `encode` counts inputs from the start of the chunk
-                    raise ValueError(f"Items {start}.. (first: {ids[start]!r}): {error}") from error
-                save_file({"embeddings": embeddings.contiguous()}, chunk_file)
-                chunks.append(embeddings)
-            progress.update(len(chunks[-1]))
-
-    model_name = str(Path(model_path).resolve()) if Path(model_path).is_dir() else model_path
-    index = Index(torch.cat(chunks), ids, list(texts), list(images), model_name)
-    write_index(index, output)
-    shutil.rmtree(partial)
     return index
+
+
+def _write_chunk(path: Path, key: str, embeddings, kept: list[bool], skipped: list[str], truncated: int) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(
+        {"embeddings": embeddings.float().contiguous(), "kept": torch.tensor(kept, dtype=torch.uint8)},
+        tmp,
+        metadata={"content": key, "skipped": json.dumps(skipped), "truncated": str(truncated)},
+    )
+    os.replace(tmp, path)  # a run killed while writing leaves no chunk that looks whole
+
+
+def _read_chunk(path: Path, key: str):
+    """A saved chunk (embeddings, kept, skipped, truncated) if it holds exactly these items, else None."""
+    if not path.is_file():
+        return None
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata() or {}
+        if metadata.get("content") != key:
+            return None
+        return (
+            f.get_tensor("embeddings"), [bool(k) for k in f.get_tensor("kept").tolist()],
+            json.loads(metadata["skipped"]), int(metadata["truncated"]),
+        )  # fmt: skip
 
 
 def write_index(index: Index, output: Path) -> None:
     tmp = output.with_name(output.name + ".tmp")
+    columns = {
+        "ids": index.ids, "texts": index.texts, "images": index.images, "model": index.model,
+        "model_fingerprint": index.model_fingerprint, "dtype": index.dtype, "skipped": index.skipped,
+        "truncated": index.truncated,
+    }  # fmt: skip
     if output.suffix == ".safetensors":
-        columns = {"ids": index.ids, "texts": index.texts, "images": index.images, "model": index.model}
         save_file(
             {"embeddings": index.embeddings.float().contiguous()},
             tmp,
@@ -200,7 +431,9 @@ def write_index(index: Index, output: Path) -> None:
                     pa.array(index.embeddings.float().flatten().numpy()), dim
                 ),
             }
-        ).replace_schema_metadata({"model": index.model})
+        ).replace_schema_metadata({"model": index.model, "moca_index": json.dumps(
+            {name: columns[name] for name in ("model_fingerprint", "dtype", "skipped", "truncated")}
+        )})  # fmt: skip
         pq.write_table(table, tmp)
     os.replace(tmp, output)
 
@@ -213,8 +446,12 @@ def read_index(path: str | Path) -> Index:
             embeddings = f.get_tensor("embeddings")
         if "ids" not in metadata:
             raise ValueError(f"{path}: not a moca index (no item ids in its metadata).")
-        columns = {name: json.loads(metadata[name]) for name in ("ids", "texts", "images", "model")}
-        return Index(embeddings, columns["ids"], columns["texts"], columns["images"], columns["model"])
+        columns = {name: json.loads(value) for name, value in metadata.items()}
+        return Index(
+            embeddings, columns["ids"], columns["texts"], columns["images"], columns["model"],
+            columns.get("model_fingerprint", ""), columns.get("dtype"), columns.get("skipped", []),
+            columns.get("truncated", 0),
+        )  # fmt: skip
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -223,12 +460,18 @@ def read_index(path: str | Path) -> Index:
         if missing:
             raise ValueError(f"{path}: not a moca index (no columns {sorted(missing)}).")
         embeddings = torch.from_numpy(table.column("embedding").combine_chunks().flatten().to_numpy().copy())
+        metadata = table.schema.metadata or {}
+        provenance = json.loads(metadata.get(b"moca_index", b"{}"))
         return Index(
             embeddings.reshape(table.num_rows, -1),
             table.column("id").to_pylist(),
             table.column("text").to_pylist(),
             table.column("image").to_pylist(),
-            (table.schema.metadata or {}).get(b"model", b"").decode(),
+            metadata.get(b"model", b"").decode(),
+            provenance.get("model_fingerprint", ""),
+            provenance.get("dtype"),
+            provenance.get("skipped", []),
+            provenance.get("truncated", 0),
         )
     raise ValueError(f"{path}: an index is a {' or '.join(INDEX_FORMATS)} file.")
 
@@ -257,17 +500,33 @@ def search(
 
     if (query is None) == (query_image is None):
         raise ValueError("Pass exactly one of --query and --query_image.")
+    if top_k < 1:
+        raise ValueError(f"--top_k must be at least 1, got {top_k}.")
     index = read_index(index_path)
     model_path = model_path or index.model
     if not model_path:
         raise ValueError(f"{index_path} does not name its model: pass --model.")
-    model = MoCaModel.from_pretrained(model_path).eval()
+    check_model_path(model_path, "--model_name_or_path")
+    # In the index's dtype: the same weights then have the same fingerprint, and queries the index's precision.
+    model = MoCaModel.from_pretrained(model_path, dtype=DTYPES[index.dtype] if index.dtype else None).eval()
+    fingerprint = model_fingerprint(model)
     _set_image_tokens(model, image_tokens)
     if query_image is not None and not Path(query_image).is_file():
         raise ValueError(f"--query_image {query_image}: no such file.")
     query_embedding = model.encode_queries(
         [query if query is not None else Path(query_image)], prompt_name=prompt_name, show_progress_bar=False
     )
+    if query_embedding.shape[1] != index.embeddings.shape[1]:
+        raise ValueError(
+            f"{index_path} holds {index.embeddings.shape[1]}-dimensional embeddings (model {index.model}), but "
+            f"--model {model_path} gives {query_embedding.shape[1]} dimensions: search with the model that built it."
+        )
+    if index.model_fingerprint and fingerprint != index.model_fingerprint:
+        raise ValueError(
+            f"{index_path} was built by model {index.model} with fingerprint {index.model_fingerprint}; --model "
+            f"{model_path} has fingerprint {fingerprint} (other weights or settings): its scores against the index "
+            "would mean nothing. Search with the model that built the index, or embed the items again."
+        )
     scores = F.normalize(index.embeddings.float(), dim=-1) @ F.normalize(query_embedding, dim=-1)[0]
     best = torch.topk(scores, min(top_k, len(scores)))
     return [(score, item) for score, item in zip(best.values.tolist(), best.indices.tolist())]
@@ -305,7 +564,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     embed_parser.add_argument("--id_column", default=None, help="Dataset id column (default: the row number).")
     embed_parser.add_argument("--dtype", default=None, choices=list(DTYPES))
-    embed_parser.add_argument("--max_length", type=int, default=None, help="Longest input in tokens (default: no cut).")
+    embed_parser.add_argument("--max_length", type=int, default=DEFAULT_MAX_LENGTH,
+                              help=f"Longest input in tokens, longer ones are cut (default: {DEFAULT_MAX_LENGTH}, the "
+                                   "training length); 0: no cut.")
+    embed_parser.add_argument("--strict", action="store_true",
+                              help="Stop at the first file that cannot be read (default: skip it with a warning).")
 
     search_parser = commands.add_parser("search", help="Print the items of an index closest to a query.")
     search_parser.add_argument("--index", required=True, help="Index file written by `embed`.")
@@ -330,7 +593,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        run(args)
+    except (ValueError, RuntimeError) as error:  # bad input or a busy output: one line, no traceback
+        raise SystemExit(f"moca {args.command}: error: {error}") from error
+
+
+def run(args: argparse.Namespace) -> None:
     if args.command == "embed":
+        if args.max_length < 0:
+            raise ValueError(f"--max_length must be 0 (no cut) or positive, got {args.max_length}.")
         index = embed(
             args.model_name_or_path,
             args.dataset,
@@ -341,11 +614,16 @@ def main(argv: list[str] | None = None) -> None:
             image_column=args.image_column,
             id_column=args.id_column,
             dtype=args.dtype,
-            max_length=args.max_length,
+            max_length=args.max_length or None,
             image_tokens=(args.min_image_tokens, args.max_image_tokens),
             prompt_name=args.prompt_name,
+            strict=args.strict,
         )
-        print(f"{len(index.ids)} items, {index.embeddings.shape[1]} dimensions -> {args.output}")
+        cut = f"{index.truncated} cut to --max_length {args.max_length}" if args.max_length else "none cut"
+        print(
+            f"{len(index.ids)} items, {index.embeddings.shape[1]} dimensions -> {args.output} "
+            f"({len(index.skipped)} skipped as unreadable, {cut})"
+        )
     else:
         results = search(
             args.index, query=args.query, query_image=args.query_image, model_path=args.model_name_or_path,

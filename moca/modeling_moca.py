@@ -14,11 +14,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers.utils import ModelOutput, cached_file
 
 from .configuration_moca import MoCaConfig
-from .processing_moca import RELEASE_IMAGE_TOKENS, MoCaProcessor
+from .processing_moca import RELEASE_IMAGE_TOKENS, InputError, MoCaProcessor
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +197,13 @@ class MoCaModel(MoCaPreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
-        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        try:
+            model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except SafetensorError as error:  # safetensors' own message names no file
+            path = _unreadable_weight_file(pretrained_model_name_or_path, hub_kwargs)
+            raise ValueError(
+                f"cannot read the weights {path}: {error} (a truncated or corrupt file: download or save it again)."
+            ) from error
         missing = [
             f"{part} ({' or '.join(names)})" for part, names in PROCESSOR_FILES.items()
             if not any(
@@ -281,15 +288,24 @@ class MoCaModel(MoCaPreTrainedModel):
         `pathlib.Path` to an image, or a dict `{"text": ..., "image": ...}` whose image may be a list (for
         interleaved inputs, place them with `<image>` in the text). `prompt` is a format string with
         `{text}` (or a prefix); `prompt_name` picks one of `config.prompts` instead (the release's
-        `image_question`, `caption`, `image`, `document_page`, `text`, and what training recorded). Inputs are sorted by cost so that batches need little padding; the result
-        keeps the input order.
+        `image_question`, `caption`, `image`, `document_page`, `text`, and what training recorded). Inputs are sorted
+        by cost so that batches need little padding; the result keeps the input order. `truncate_dim` (1 to the
+        hidden size) keeps the first dimensions, renormalised.
+
+        A bad input raises an `InputError` (a `ValueError`) naming its index in `inputs` (`MoCaProcessor.parse_inputs`
+        and `MoCaProcessor` say which inputs are bad). A batch whose embeddings are not finite raises one naming
+        the batch's first input: with finite inputs, only weights that hold NaN/inf give that.
         """
         processor = processor or self.processor
         if processor is None:
             raise ValueError("No processor: load the model with from_pretrained/from_backbone or pass `processor=`.")
+        dim = self.config.hidden_size
+        if truncate_dim is not None and (isinstance(truncate_dim, bool) or not isinstance(truncate_dim, int)
+                                         or not 1 <= truncate_dim <= dim):  # fmt: skip
+            raise ValueError(f"truncate_dim must be an integer in 1..{dim} (the embedding size), got {truncate_dim!r}.")
         items = processor.parse_inputs(inputs, self.resolve_prompt(prompt, prompt_name), image_prompt=self.config.image_prompt)
         if not items:
-            return torch.empty(0, truncate_dim or self.config.hidden_size)
+            return torch.empty(0, truncate_dim or dim)
         costs = [len(text) / 4 + sum(processor.image_cost(image) for image in images) for text, images in items]
         order = sorted(range(len(items)), key=lambda i: -costs[i])
 
@@ -301,11 +317,14 @@ class MoCaModel(MoCaPreTrainedModel):
             for start in _progress(range(0, len(order), batch_size), show_progress_bar, len(order) > batch_size):
                 batch_ids = order[start : start + batch_size]
                 batch = processor.batch([items[i] for i in batch_ids], max_length, indices=batch_ids)
-                chunks.append(self(**batch.to(device)).embeddings.float().cpu())
+                chunk = self(**batch.to(device)).embeddings.float().cpu()
+                if not chunk.isfinite().all():
+                    raise InputError(batch_ids[0], f"the embeddings of its batch ({len(batch_ids)} inputs) are {NON_FINITE_EMBEDDINGS}")
+                chunks.append(chunk)
         finally:
             self.train(was_training)
 
-        embeddings = torch.empty(len(items), chunks[0].shape[-1])
+        embeddings = torch.empty(len(items), dim)
         embeddings[torch.tensor(order)] = torch.cat(chunks)
         if truncate_dim is not None:
             embeddings = embeddings[:, :truncate_dim]
@@ -335,6 +354,31 @@ class MoCaModel(MoCaPreTrainedModel):
         if prompt is None and prompt_name is None:
             prompt = self.config.document_prompt
         return self.encode(inputs, prompt=prompt, prompt_name=prompt_name, **kwargs)
+
+
+NON_FINITE_EMBEDDINGS = "not finite (NaN or inf): the checkpoint's weights may hold NaN/inf (check them with torch.isfinite)."
+
+
+def _unreadable_weight_file(name_or_path, hub_kwargs: dict) -> str:
+    """The first weight file of a checkpoint whose safetensors header does not read (the checkpoint itself when
+    none is found, e.g. when the failure was past the header)."""
+    index = cached_file(name_or_path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False,
+                        **hub_kwargs)  # fmt: skip
+    if index is not None:
+        with open(index, encoding="utf-8") as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        names = ["model.safetensors"]
+    for name in names:
+        path = cached_file(name_or_path, name, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+        if path is None:
+            continue
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except SafetensorError:
+            return path
+    return str(name_or_path)
 
 
 def _progress(iterable: Iterable, show: bool | None, default: bool):

@@ -3,12 +3,14 @@
 import io
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from PIL import Image, UnidentifiedImageError
 from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature, ProcessorMixin
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -16,6 +18,8 @@ IMAGE_PLACEHOLDER = "<image>"
 # for Qwen2-VL/2.5-VL's 28-px merged patches; Qwen3-VL's are 32 px). The published Qwen-VL processor configs
 # allow 4 to 16,384 tokens: a scanned page would run at 5-10x the resolution MoCa was trained at.
 RELEASE_IMAGE_TOKENS = (256, 1024)
+# The Qwen-VL resizing (`smart_resize`) refuses images more elongated than this.
+MAX_ASPECT_RATIO = 200
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # Image modes the Qwen-VL image processors convert themselves (RGBA onto white, as the release's processor did).
 _PROCESSOR_MODES = ("RGB", "RGBA", "L")
@@ -40,22 +44,78 @@ def count_image_placeholders(text: str) -> int:
     return len(_PLACEHOLDER_PATTERN.findall(text))
 
 
-def load_image(image) -> Image.Image:
+class InputError(ValueError):
+    """A bad input: `index` is its position in what the caller passed (`label` says which kind of position: an
+    `Input` of `encode`, a `Sample` of a processor call), `reason` says what is wrong. Callers that know a better
+    name for the input re-raise with it (`MoCaProcessor.batch`, the sentence-transformers module)."""
+
+    def __init__(self, index, reason: str, label: str = "Input"):
+        super().__init__(f"{label} {index}: {reason}")
+        self.index = index
+        self.reason = reason
+
+
+def load_image(image, resized_size=None) -> Image.Image:
     """The one image loader of every stage: a fully decoded image from a `PIL.Image`, encoded bytes, a path, or
     a `{"bytes", "path"}` dict (how `datasets` stores an undecoded image).
 
-    Relative paths of data rows are made absolute when the data loads (`moca.data`). Decoding happens here, so a truncated or corrupt file fails with a `ValueError` that names it, not later inside
-    the image processor.
+    Relative paths of data rows are made absolute when the data loads (`moca.data`). Decoding happens here, so a
+    truncated or corrupt file, or a decompression bomb (over twice PIL's `Image.MAX_IMAGE_PIXELS`), fails with a
+    `ValueError` that names it, not later inside the image processor. An image over `Image.MAX_IMAGE_PIXELS`
+    itself is decoded with PIL's `DecompressionBombWarning`, which here names the image.
+
+    `resized_size` (`(width, height) -> (width, height)` the processor will resize the image to, or `None` when it
+    would refuse it; `MoCaProcessor.load_image` passes its own) bounds memory: an image at least twice that size on
+    both sides is decoded already shrunk by an integer factor (JPEG: 1/2, 1/4 or 1/8 while decoding, with
+    `Image.draft`; other formats: `Image.reduce` right after decoding), the largest that keeps both sides at least
+    twice the processor's and leaves the processor's output size unchanged. Without it the image is decoded at
+    full size.
     """
     if isinstance(image, Image.Image):
         return image
     source, shown = _image_source(image)
     try:
-        with Image.open(source) as opened:
+        with warnings.catch_warnings():
+            # PIL's own warning names no image: the one below does.
+            warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+            opened = Image.open(source)
+        with opened:
+            width, height = opened.size
+            if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+                warnings.warn(
+                    f"image {shown} has {width}x{height} = {width * height} pixels, over PIL's Image.MAX_IMAGE_PIXELS "
+                    f"({Image.MAX_IMAGE_PIXELS}): it may be a decompression bomb.",
+                    Image.DecompressionBombWarning, stacklevel=2,
+                )  # fmt: skip
+            target = resized_size(width, height) if resized_size is not None else None
+            reduce_by = 1
+            if target is not None and opened.format == "JPEG":
+                # Decoded at 1/2, 1/4 or 1/8 scale straight from the DCT coefficients: the full image never exists.
+                scale = _shrink_factor((width, height), target, resized_size, (8, 4, 2))
+                if scale > 1:
+                    opened.draft(None, (width // scale, height // scale))
+            elif target is not None:
+                reduce_by = _shrink_factor((width, height), target, resized_size)
             opened.load()
-            return opened.copy() if opened.mode in _PROCESSOR_MODES else opened.convert("RGB")
+            decoded = opened if opened.mode in _PROCESSOR_MODES else opened.convert("RGB")
+            if reduce_by > 1:
+                return decoded.reduce(reduce_by)
+            # Closing the file frees the pixels of the opened image: keep a copy (no second one after convert).
+            return decoded.copy() if decoded is opened else decoded
     except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as error:
         raise ValueError(f"cannot read image {shown}: {error}") from error
+
+
+def _shrink_factor(size: tuple[int, int], target: tuple[int, int], resized_size, factors=None) -> int:
+    """The largest of `factors` (default: every integer) that shrinks `size` to at least twice `target` on both
+    sides and to a size the processor resizes to `target` as well (so the visual tokens stay the same); 1 if none."""
+    width, height = size
+    most = min(width // (2 * target[0]), height // (2 * target[1]))
+    for factor in factors or range(most, 1, -1):
+        shrunk = (-(-width // factor), -(-height // factor))  # PIL's draft and reduce round up
+        if factor <= most and shrunk[0] >= 2 * target[0] and shrunk[1] >= 2 * target[1] and resized_size(*shrunk) == target:
+            return factor
+    return 1
 
 
 def _image_source(image) -> tuple:
@@ -70,24 +130,38 @@ def _image_source(image) -> tuple:
     raise ValueError(f"unsupported image type {type(image).__name__}: pass a PIL image, bytes or a path")
 
 
-def parse_input(item, index: int = 0) -> tuple[str | None, list]:
-    """One input of `encode` (a str, PIL image, path, or `{"text", "image"}` dict) -> `(text, images)`.
+def _is_undecoded_image(item) -> bool:
+    """Encoded bytes, or the `{"bytes", "path"}` dict that `datasets` keeps for an undecoded image."""
+    return isinstance(item, (bytes, bytearray)) or (isinstance(item, dict) and bool(item) and set(item) <= {"bytes", "path"})
 
-    A string that is the path of an existing image file counts as an image. Images stay as given (decoded
-    one batch at a time, by `MoCaProcessor.batch`).
+
+def parse_input(item, index: int = 0) -> tuple[str | None, list]:
+    """One input of `encode` -> `(text, images)`; a bad input raises an `InputError` naming `index`.
+
+    - A `PIL.Image`, a `pathlib.Path`, encoded image bytes (a `datasets` binary column) or a `{"bytes", "path"}`
+      dict (an undecoded `datasets` image) is an image.
+    - A `str` is text, except that a string ending in an image extension (`IMAGE_EXTENSIONS`) with no whitespace
+      is a path: an image if the file exists, else an error "no such image file" (pass `{"text": ...}` to embed
+      such a string as text).
+    - A `{"text", "image"}` dict (`"images"` also accepted; the image may be a list) is text with images.
+    - Text that is empty or whitespace only, with no image, is an error ("empty text"), as CPT skips it.
+
+    Images stay as given (decoded one batch at a time, by `MoCaProcessor.batch`).
     """
-    if isinstance(item, (Image.Image, Path)):
+    if isinstance(item, (Image.Image, Path)) or _is_undecoded_image(item):
         return None, [item]
     if isinstance(item, str):
-        if item.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(item):
+        if item.lower().endswith(IMAGE_EXTENSIONS) and not any(c.isspace() for c in item):
+            if not os.path.isfile(item):
+                raise InputError(index, f"no such image file {item!r} (pass {{'text': ...}} to embed it as text).")
             return None, [item]
-        if not item:
-            raise ValueError(f"Input {index}: empty text.")
+        if not item.strip():
+            raise InputError(index, "empty text.")
         return item, []
     if isinstance(item, dict):
         unknown = set(item) - {"text", "image", "images"}
         if unknown:
-            raise ValueError(f"Input {index}: unknown keys {sorted(unknown)}; use 'text' and 'image'.")
+            raise InputError(index, f"unknown keys {sorted(unknown)}; use 'text' and 'image'.")
         text = item.get("text")
         images = item.get("image", item.get("images"))
         if images is None:
@@ -97,11 +171,13 @@ def parse_input(item, index: int = 0) -> tuple[str | None, list]:
         else:
             images = list(images)
         if text is not None and not isinstance(text, str):
-            raise ValueError(f"Input {index}: 'text' must be a string, got {type(text).__name__}.")
-        if not text and not images:
-            raise ValueError(f"Input {index}: empty input (no text and no image).")
+            raise InputError(index, f"'text' must be a string, got {type(text).__name__}.")
+        if not images and not text:
+            raise InputError(index, "empty input (no text and no image).")
+        if not images and not text.strip():
+            raise InputError(index, "empty text.")
         return text, images
-    raise ValueError(f"Input {index}: unsupported type {type(item).__name__}; pass a str, PIL image, path or dict.")
+    raise InputError(index, f"unsupported type {type(item).__name__}; pass a str, PIL image, path, bytes or dict.")
 
 
 class MoCaProcessor(ProcessorMixin):
@@ -112,9 +188,20 @@ class MoCaProcessor(ProcessorMixin):
     it returns `mm_token_type_ids`, which the backbone needs for its 3D (M-RoPE) positions.
 
     Images are placed where the text has a placeholder: `<image>`, MMEB's `<|image_1|>`, or the backbone's
-    own `<|vision_start|><|image_pad|><|vision_end|>`; an input with images but no placeholder gets its images
-    first. Truncation to `max_length` never cuts through an image: an image that does not fit is dropped
-    whole, with its pixels.
+    own `<|vision_start|><|image_pad|><|vision_end|>` (or a lone `<|image_pad|>`); an input with images but no
+    placeholder gets its images first. Truncation to `max_length` never cuts through an image: an image that does
+    not fit is dropped whole, with its pixels.
+
+    Special tokens written in the text are text: everything between placeholders is tokenized with
+    `split_special_tokens=True` and the vision tokens of each image are inserted as ids, so a literal
+    `<|video_pad|>`, a lone `<|vision_start|>` / `<|vision_end|>`, `<|endoftext|>` or `<|mask|>` reaches the model
+    as the characters it is made of, never as a control token (no user text is lost, and truncation only ever sees
+    the vision tokens of real images).
+
+    Bad samples raise an `InputError` (a `ValueError`) naming the sample: an image whose aspect ratio is over 200
+    after short sides are stretched (the Qwen-VL resizing refuses it; MoCa does not pad, as the release does not),
+    an image that cannot be decoded, empty or whitespace-only text without an image, a placeholder count that
+    does not match the images, and a sample whose first image alone is longer than `max_length`.
     """
 
     def __init__(self, image_processor=None, tokenizer=None, **kwargs):
@@ -133,6 +220,10 @@ class MoCaProcessor(ProcessorMixin):
         self.vision_end_token_id = vocab[self.vision_end_token]
         self.video_token_id = vocab.get(self.video_token)
         self.mask_token_id = vocab.get(self.mask_token)
+        # The text between placeholders is tokenized piece by piece and the pieces joined: that is the whole
+        # input only for a tokenizer that adds no BOS/EOS of its own, as every Qwen-VL tokenizer.
+        if tokenizer("a")["input_ids"] != tokenizer("a", add_special_tokens=False)["input_ids"]:
+            raise ValueError("The tokenizer adds special tokens around its input; MoCa supports Qwen-VL tokenizers, which add none.")
 
     @classmethod
     def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
@@ -188,6 +279,21 @@ class MoCaProcessor(ProcessorMixin):
         width, height = max(width, side), max(height, side)
         return self.image_processor.get_number_of_image_patches(height, width, {}) // self.merge_size**2
 
+    def resized_size(self, width: int, height: int) -> tuple[int, int] | None:
+        """(width, height) the image processor resizes a `width` x `height` image to (short sides stretched first,
+        as `stretch_small_image` does), or `None` when it refuses the image (aspect ratio over 200)."""
+        side = self.token_side
+        width, height = max(width, side), max(height, side)
+        if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
+            return None
+        size = self.image_processor.size
+        height, width = smart_resize(height, width, side, min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"])
+        return width, height
+
+    def load_image(self, image) -> Image.Image:
+        """`load_image`, decoding an image far larger than this processor's resolution already shrunk (bounded memory)."""
+        return load_image(image, resized_size=self.resized_size)
+
     def num_image_tokens(self, image_grid_thw: torch.Tensor) -> list[int]:
         return (image_grid_thw.prod(-1) // self.merge_size**2).tolist()
 
@@ -219,44 +325,38 @@ class MoCaProcessor(ProcessorMixin):
             raise ValueError("Empty batch: no text was given.")
         per_sample_images = self._images_per_sample(texts, images)
 
-        expanded, flat_images = [], []
+        placed, flat_images = [], []
         for i, (sample_text, sample_images) in enumerate(zip(texts, per_sample_images)):
             if not isinstance(sample_text, str):
-                raise ValueError(f"Sample {i}: text must be a string, got {type(sample_text).__name__}.")
+                raise InputError(i, f"text must be a string, got {type(sample_text).__name__}.", "Sample")
             n_placeholders = count_image_placeholders(sample_text)
             if n_placeholders == 0 and sample_images:
                 sample_text = IMAGE_PLACEHOLDER * len(sample_images) + sample_text
                 n_placeholders = len(sample_images)
             if n_placeholders != len(sample_images):
-                raise ValueError(
-                    f"Sample {i}: the text has {n_placeholders} image placeholder(s) but {len(sample_images)} "
-                    f"image(s) were given."
-                )
-            if not sample_text and not sample_images:
-                raise ValueError(f"Sample {i}: empty input (no text and no image).")
-            flat_images.extend(sample_images)
-            expanded.append(sample_text)
+                raise InputError(
+                    i, f"the text has {n_placeholders} image placeholder(s) but {len(sample_images)} image(s) were given.",
+                    "Sample",
+                )  # fmt: skip
+            if not sample_text.strip() and not sample_images:
+                raise InputError(i, "empty text (no text and no image).", "Sample")
+            for j, image in enumerate(sample_images):
+                flat_images.append(self._prepared_image(image, i, j))
+            placed.append(sample_text)
 
         image_inputs, tokens_per_image, patches_per_image = {}, [], []
         if flat_images:
-            flat_images = [self.stretch_small_image(image) if isinstance(image, Image.Image) else image for image in flat_images]
             image_inputs = dict(self.image_processor(images=flat_images, return_tensors="pt"))
             tokens_per_image = self.num_image_tokens(image_inputs["image_grid_thw"])
             patches_per_image = image_inputs["image_grid_thw"].prod(-1).tolist()
 
-        image_index = 0
-        for i, sample_text in enumerate(expanded):
-            pieces = _PLACEHOLDER_PATTERN.split(sample_text)
-            out = pieces[0]
-            for piece in pieces[1:]:
-                out += self.vision_start_token + self.image_token * tokens_per_image[image_index] + self.vision_end_token + piece
-                image_index += 1
-            expanded[i] = out
-
-        encoded = self.tokenizer(expanded, add_special_tokens=True)["input_ids"]
+        encoded = self.token_ids(placed, tokens_per_image)
         keep_image = [True] * len(flat_images)
         if truncation and max_length is not None:
             encoded, keep_image = self._truncate(encoded, max_length)
+            for i, ids in enumerate(encoded):
+                if not ids:
+                    raise InputError(i, f"its first image alone is longer than max_length ({max_length} tokens).", "Sample")
 
         data = self._pad(encoded, padding, max_length if padding == "max_length" else None, pad_to_multiple_of, padding_side)
         if flat_images and any(keep_image):
@@ -265,10 +365,47 @@ class MoCaProcessor(ProcessorMixin):
             data["image_grid_thw"] = image_inputs["image_grid_thw"][torch.tensor(keep_image)]
         return BatchFeature(data=data, tensor_type=return_tensors)
 
+    def _prepared_image(self, image, sample: int, position: int) -> Image.Image:
+        """An image of sample `sample` decoded, short sides stretched, and checked against what the resizing refuses."""
+        try:
+            decoded = self.load_image(image)
+        except ValueError as error:
+            raise InputError(sample, str(error), "Sample") from error
+        stretched = self.stretch_small_image(decoded)
+        width, height = stretched.size
+        if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
+            raise InputError(
+                sample,
+                f"image {position} is {decoded.width}x{decoded.height} px: its aspect ratio is over {MAX_ASPECT_RATIO} "
+                f"(after stretching short sides to {self.token_side} px), which the Qwen-VL resizing refuses; crop it "
+                f"or pad it to a ratio of at most {MAX_ASPECT_RATIO}.",
+                "Sample",
+            )  # fmt: skip
+        return stretched
+
+    def token_ids(self, texts: Sequence[str], tokens_per_image: Sequence[int]) -> list[list[int]]:
+        """Token ids of texts with one placeholder per image (`tokens_per_image`: visual tokens of each image, in
+        text order): each placeholder becomes `<|vision_start|>`, its `<|image_pad|>` tokens and `<|vision_end|>`,
+        inserted as ids; the text around them is tokenized with special tokens split, so it can hold none."""
+        pieces = [_PLACEHOLDER_PATTERN.split(text) for text in texts]
+        piece_ids = iter(
+            self.tokenizer([piece for text_pieces in pieces for piece in text_pieces], add_special_tokens=False,
+                           split_special_tokens=True)["input_ids"]
+        )  # fmt: skip
+        image_tokens = iter(tokens_per_image)
+        encoded = []
+        for text_pieces in pieces:
+            ids = list(next(piece_ids))
+            for _ in text_pieces[1:]:
+                ids += [self.vision_start_token_id] + [self.image_token_id] * next(image_tokens) + [self.vision_end_token_id]
+                ids += next(piece_ids)
+            encoded.append(ids)
+        return encoded
+
     def _images_per_sample(self, texts: list[str], images) -> list[list]:
         if images is None:
             return [[] for _ in texts]
-        if isinstance(images, (Image.Image, str)) or not isinstance(images, Sequence):
+        if isinstance(images, (Image.Image, str, bytes, bytearray)) or not isinstance(images, Sequence):
             images = [images]
         images = list(images)
         nested = len(images) == len(texts) and all(isinstance(x, (list, tuple)) or x is None for x in images)
@@ -294,14 +431,28 @@ class MoCaProcessor(ProcessorMixin):
         keep_image, truncated = [], []
         for ids in encoded:
             cut = min(len(ids), max_length)
-            starts = [j for j, t in enumerate(ids) if t == self.vision_start_token_id]
-            ends = [j for j, t in enumerate(ids) if t == self.vision_end_token_id]
-            for start, end in zip(starts, ends):
+            spans = self._image_spans(ids)
+            for start, end in spans:
                 if start < cut <= end:
                     cut = start
-                keep_image.append(end < cut)
+            keep_image.extend(end < cut for _, end in spans)
             truncated.append(ids[:cut])
         return truncated, keep_image
+
+    def _image_spans(self, ids: list[int]) -> list[tuple[int, int]]:
+        """(start, end) positions of each image: `<|vision_start|>`, one or more `<|image_pad|>`, `<|vision_end|>`.
+        `token_ids` makes no other vision tokens; in ids tokenized elsewhere a stray one is not an image, so it
+        can neither move the cut nor pair with a real image's end."""
+        spans = []
+        for start, token in enumerate(ids):
+            if token != self.vision_start_token_id:
+                continue
+            end = start + 1
+            while end < len(ids) and ids[end] == self.image_token_id:
+                end += 1
+            if end > start + 1 and end < len(ids) and ids[end] == self.vision_end_token_id:
+                spans.append((start, end))
+        return spans
 
     def _pad(self, encoded, padding, max_length, pad_to_multiple_of, padding_side) -> dict:
         padding_side = padding_side or self.tokenizer.padding_side
@@ -321,20 +472,19 @@ class MoCaProcessor(ProcessorMixin):
             attention_mask[i, span] = 1
         mm_token_type_ids = torch.zeros_like(input_ids)
         mm_token_type_ids[input_ids == self.image_token_id] = 1
-        if self.video_token_id is not None:
-            mm_token_type_ids[input_ids == self.video_token_id] = 2
         return {"input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": mm_token_type_ids}
 
     # ------------------------------------------------------------------ what a person has -> model inputs
 
     def parse_inputs(self, inputs, prompt: str | None = None, image_prompt: str | None = None) -> list[tuple[str, list]]:
-        """Inputs of `MoCaModel.encode` -> one `(text with the prompt applied, images)` pair each, validated.
+        """Inputs of `MoCaModel.encode` -> one `(text with the prompt applied, images)` pair each, validated
+        (`parse_input` says what an input may be; a bad one raises an `InputError` naming its index).
 
         `prompt` is a format string with `{text}` (or a prefix). An input made of images alone gets `prompt` when
         it has no `{text}` to fill (an instruction about the image, such as the document-page prompt) and
         `image_prompt` otherwise. Images stay as given: `batch` decodes them, one batch at a time.
         """
-        if isinstance(inputs, (str, dict, Image.Image, Path)):
+        if isinstance(inputs, (str, dict, Image.Image, Path, bytes, bytearray)):
             inputs = [inputs]
         # An empty prompt is no prompt (sentence-transformers passes "" for its default `query`/`document` entries).
         prompt = prompt or None
@@ -348,8 +498,8 @@ class MoCaProcessor(ProcessorMixin):
                 text = format_prompt(prompt, text)
             n_placeholders = count_image_placeholders(text)
             if n_placeholders and n_placeholders != len(images):
-                raise ValueError(
-                    f"Input {i}: the text has {n_placeholders} image placeholder(s) but {len(images)} image(s) were given"
+                raise InputError(
+                    i, f"the text has {n_placeholders} image placeholder(s) but {len(images)} image(s) were given"
                     + (" (the prompt holds an image placeholder: use it for inputs with an image)" if
                        count_image_placeholders(prompt or "") else "") + "."
                 )  # fmt: skip
@@ -362,19 +512,22 @@ class MoCaProcessor(ProcessorMixin):
 
         `indices` are the items' positions in the caller's input, used to name a bad one in errors.
         """
-        indices = indices if indices is not None else range(len(items))
+        indices = list(indices) if indices is not None else list(range(len(items)))
         batch_images = []
         for index, (_, images) in zip(indices, items):
             try:
-                batch_images.append([load_image(image) for image in images])
+                batch_images.append([self.load_image(image) for image in images])
             except ValueError as error:
-                raise ValueError(f"Input {index}: {error}") from error
-        return self(
-            text=[text for text, _ in items],
-            images=batch_images if any(batch_images) else None,
-            truncation=max_length is not None,
-            max_length=max_length,
-        )
+                raise InputError(index, str(error)) from error
+        try:
+            return self(
+                text=[text for text, _ in items],
+                images=batch_images if any(batch_images) else None,
+                truncation=max_length is not None,
+                max_length=max_length,
+            )
+        except InputError as error:  # named by its position in this batch: name it by the caller's index
+            raise InputError(indices[error.index], error.reason) from error
 
     def image_cost(self, image) -> float:
         """Visual tokens of an image, read from its header only (no decoding); 0 when it cannot be read
@@ -403,6 +556,6 @@ class MoCaProcessor(ProcessorMixin):
 MoCaProcessor.register_for_auto_class("AutoProcessor")
 
 __all__ = [
-    "MoCaProcessor", "format_prompt", "count_image_placeholders", "load_image", "parse_input", "IMAGE_PLACEHOLDER",
-    "IMAGE_EXTENSIONS", "RELEASE_IMAGE_TOKENS",
+    "MoCaProcessor", "InputError", "format_prompt", "count_image_placeholders", "load_image", "parse_input", "IMAGE_PLACEHOLDER",
+    "IMAGE_EXTENSIONS", "MAX_ASPECT_RATIO", "RELEASE_IMAGE_TOKENS",
 ]  # fmt: skip

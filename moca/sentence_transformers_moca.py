@@ -14,8 +14,10 @@ from typing import Any
 
 from sentence_transformers.base.modules.input_module import InputModule
 
-from .modeling_moca import MoCaModel
-from .processing_moca import MoCaProcessor
+import torch
+
+from .modeling_moca import NON_FINITE_EMBEDDINGS, MoCaModel
+from .processing_moca import InputError, MoCaProcessor
 
 
 MODEL_INPUT_NAMES = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
@@ -57,11 +59,20 @@ class MoCaSentenceTransformer(InputModule):
         return self.model.config.hidden_size
 
     def preprocess(self, inputs, prompt: str | None = None, **kwargs) -> dict[str, Any]:
-        items = self.processor.parse_inputs(list(inputs), prompt, image_prompt=self.model.config.image_prompt)
-        return dict(self.processor.batch(items, max_length=self.max_seq_length))
+        inputs = list(inputs)
+        try:
+            items = self.processor.parse_inputs(inputs, prompt, image_prompt=self.model.config.image_prompt)
+            return dict(self.processor.batch(items, max_length=self.max_seq_length))
+        except InputError as error:
+            # sentence-transformers hands over its inputs sorted by length, batch by batch: a position here is not
+            # the caller's index, so the input is named by what it is.
+            raise InputError(_preview(inputs[error.index]), error.reason) from error
 
     def forward(self, features: dict[str, Any], **kwargs) -> dict[str, Any]:
         output = self.model(**{name: features[name] for name in MODEL_INPUT_NAMES if name in features})
+        if not torch.isfinite(output.embeddings).all():
+            # Positions are sentence-transformers' sorted batch order: the input cannot be named by its index.
+            raise ValueError(f"The embeddings of a batch of {len(output.embeddings)} inputs are {NON_FINITE_EMBEDDINGS}")
         features["token_embeddings"] = output.last_hidden_state
         features["sentence_embedding"] = output.embeddings
         return features
@@ -109,6 +120,12 @@ class MoCaSentenceTransformer(InputModule):
         if processor_kwargs:
             model.processor = MoCaProcessor.from_pretrained(model_name_or_path, **hub_kwargs, **processor_kwargs)
         return cls(model, **settings)
+
+
+def _preview(item, limit: int = 60) -> str:
+    """An input as an error names it: its repr, shortened."""
+    text = repr(item)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 __all__ = ["MoCaSentenceTransformer"]

@@ -30,7 +30,10 @@ same); `--negatives batch` scores every query against every hard negative of the
 
 The global batch is `per_device_train_batch_size` times the number of processes; every global batch comes from one
 task. Every `TrainingArguments` flag works (`--max_steps`, `--save_steps`, `--resume_from_checkpoint`,
-`--push_to_hub`, `--deepspeed`, `--fsdp`, ...). The run ends with a `skipped rows: N` line and the count per reason.
+`--push_to_hub`, `--deepspeed`, `--fsdp`, ...; `--resume_from_checkpoint last`: the newest complete checkpoint of
+`--output_dir`, exact: the resumed run is the uninterrupted one). A row that cannot be trained on is a counted skip
+naming task, row and field; the run ends with a `skipped rows: N` line and the count per reason, and a non-finite
+loss stops it with its step.
 The tasks' prompts are saved in the checkpoint's config: named `TASK/query` and `TASK/document`, and as its
 `query_prompt` / `document_prompt` when all tasks share one.
 Each saved folder is a MoCa checkpoint (`AutoModel.from_pretrained(dir, trust_remote_code=True)`) with a model card;

@@ -9,7 +9,9 @@
 (`--max_steps`, `--save_steps`, `--resume_from_checkpoint`, `--push_to_hub`, `--report_to`, ...). Each saved
 folder is a plain MoCa embedding checkpoint (`AutoModel.from_pretrained(dir, trust_remote_code=True)`) plus
 the CPT heads; the Trainer's checkpoints add optimizer, scheduler and RNG states for resuming
-(`--resume_from_checkpoint DIR`, or `last` for the newest checkpoint in `--output_dir`).
+(`--resume_from_checkpoint DIR`, or `last` for the newest complete checkpoint in `--output_dir`; one whose
+writing was cut short is skipped). A new run refuses an `--output_dir` that holds another run's checkpoints
+(`--overwrite_output_dir` to reuse it), and a non-finite loss stops the run with its step.
 
 Data: rows `{"text", "images"}` (the layout of the release's CPT sets, `moca-embed/dclm_20b`, ...: `text` with
 `<|vision_start|><|image_pad|><|vision_end|>` markers, `images` a list of encoded images; paths are read under

@@ -9,6 +9,7 @@ import shutil
 
 import datasets
 import pytest
+import torch
 from cpt_rows import make_rows, write_jsonl
 from PIL import Image
 
@@ -30,7 +31,6 @@ def png(width=56, height=56) -> bytes:
 CPT_BAD_ROWS = [
     ("<image> and <image>: two places", [png()], "2 image placeholders but 1 images"),
     ("Phi-3-V's <|image_1|> marker, no image", [], "1 image placeholders but 0 images"),
-    ("a literal <|video_pad|> token", [], "literal special token in the text"),
     ("<image> a strip", [png(10000, 20)], "image 0 aspect ratio over 200"),
     ("<image> an image longer than max_length", [png(112, 112)], "first image longer than max_length"),
     ("   ", [], "empty text"),
@@ -55,9 +55,8 @@ def test_cpt_validation_skips_and_counts_a_bad_row(tiny_moca, text, images, reas
 CONTRASTIVE_BAD_ROWS = [
     ("query_text", "<image> and <image>: which?", "query: 2 image placeholders but 0 images"),
     ("pos_text", "Phi-3-V's <|image_1|> marker, no image", "pos: 1 image placeholders but 0 images"),
-    ("pos_text", "a literal <|video_pad|> token", "pos: literal special token in the text"),
     ("query_image", png(10000, 20), "query: image 0 aspect ratio over 200"),
-    ("query_image", png(112, 112), "query: cut to no tokens by max_length"),
+    ("query_image", png(112, 112), "query: rejected by the processor"),  # an image alone longer than max_length
     ("neg_text", ["a fine negative", "REJECTED by the processor"], "neg: rejected by the processor"),
     ("query_image", b"not an image", "unreadable query_image"),
 ]
@@ -101,9 +100,6 @@ def test_contrastive_collator_skips_and_counts_a_bad_row(tiny_moca, field, value
     # The good row trains: its query, positive and two negatives (its one negative padded), nothing of the bad row.
     assert batch["num_queries"] == 1 and batch["negatives_per_query"] == [2]
     assert sum(len(chunk["input_ids"]) for chunk in batch["chunks"]) == 4
-    if reason == "query: cut to no tokens by max_length" and "cut to no tokens" not in caplog.text:
-        # A processor that refuses such an input itself (naming it) makes it a rejection: a skip all the same.
-        reason = "query: rejected by the processor"
     assert batch["skipped_rows"] == {f"t: {reason}": 1}
     assert f"skipped row 1 of task 't': {reason}" in caplog.text
 
@@ -113,7 +109,6 @@ def test_contrastive_training_runs_through_every_bad_row(tiny_vlm_dir, tmp_path)
     good = [{"query_text": f"a {c} circle", "pos_text": f"round and {c}"} for c in ("red", "green", "blue", "black")]
     bad = [
         {"query_text": "<image> and <image>: which?", "query_image": "images/red.png", "pos_text": "red"},
-        {"query_text": "a literal <|video_pad|> token", "pos_text": "a token"},
         {"query_text": "<|image_1|> with no image", "pos_text": "nothing"},
         {"query_text": "a strip", "query_image": "images/strip.png", "pos_text": "a long strip"},
         {"query_image": "images/large.png", "pos_text": "a large image"},
@@ -125,20 +120,18 @@ def test_contrastive_training_runs_through_every_bad_row(tiny_vlm_dir, tmp_path)
     data.write_text("".join(json.dumps(row) + "\n" for row in good + bad))
     trainer = train_contrastive.main([
         "--model_name_or_path", tiny_vlm_dir, "--min_image_tokens", "1", "--max_image_tokens", "16",
-        "--dataset", str(data), "--output_dir", str(tmp_path / "run"), "--per_device_train_batch_size", "9",
+        "--dataset", str(data), "--output_dir", str(tmp_path / "run"), "--per_device_train_batch_size", "8",
         "--max_steps", "1", "--save_strategy", "no", "--report_to", "none", "--max_length", str(MAX_LENGTH),
         "--disable_tqdm", "true",
     ])  # fmt: skip
     assert trainer.state.global_step == 1 and sum(trainer.training_skipped_rows.values()) == len(bad)
     expected = {
-        "t: query: 2 image placeholders but 1 images": 1, "t: query: literal special token in the text": 1,
+        "t: query: 2 image placeholders but 1 images": 1,
         "t: query: 1 image placeholders but 0 images": 1, "t: query: image 0 aspect ratio over 200": 1,
     }  # fmt: skip
     assert expected.items() <= trainer.training_skipped_rows.items()
-    # The image longer than max_length: cut to nothing, or refused by a processor that checks for it itself.
-    assert trainer.training_skipped_rows.keys() - expected.keys() in (
-        {"t: query: cut to no tokens by max_length"}, {"t: query: rejected by the processor"}
-    )
+    # The image alone longer than max_length: the processor refuses it, naming it.
+    assert trainer.training_skipped_rows.keys() - expected.keys() == {"t: query: rejected by the processor"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -205,3 +198,21 @@ def test_cpt_training_runs_through_bad_rows(tiny_vlm_dir, tmp_path):
     skipped = trainer.skipped_rows_by_reason()
     # At max_length 64 the 16-token image fits: that row trains.
     assert skipped == {reason: 1 for *_, reason in CPT_BAD_ROWS if reason != "first image longer than max_length"}
+
+
+def test_a_literal_control_token_trains_as_plain_text(tiny_moca):
+    """One rule with `encode`: `<|video_pad|>` written in a text is text, in CPT rows and contrastive rows alike."""
+    _, processor = tiny_moca
+    dataset = datasets.Dataset.from_list([{"text": "a literal <|video_pad|> token", "images": []}], features=datasets.Features(
+        {"text": datasets.Value("string"), "images": datasets.List(datasets.Image(decode=False))}
+    ))  # fmt: skip
+    kept, skipped = prepare_cpt_dataset(dataset, processor, 64)
+    assert len(kept) == 1 and not skipped
+    task = contrastive_task("pos_text", "a literal <|video_pad|> token")
+    batch = ContrastiveCollator(processor, [task], num_hard_negatives=1, max_length=64)(
+        [MultiTaskDataset([task])[i] for i in range(2)]
+    )
+    assert batch["num_queries"] == 2 and not batch["skipped_rows"]
+    ids = torch.cat([chunk["input_ids"].flatten() for chunk in batch["chunks"]])
+    assert not (ids == processor.video_token_id).any()
+    assert kept[0]["length"] == len(processor(text=["a literal <|video_pad|> token"])["input_ids"][0])

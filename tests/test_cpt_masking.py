@@ -8,7 +8,8 @@ from PIL import Image
 
 from cpt_rows import make_rows
 from moca import MoCaProcessor
-from moca.training.cpt import CPTCollator, load_image, mask_image_patches, mask_text_tokens, never_masked_token_ids
+from moca.processing_moca import load_image
+from moca.training.cpt import CPTCollator, mask_image_patches, mask_text_tokens, never_masked_token_ids
 
 
 @pytest.fixture(scope="module")

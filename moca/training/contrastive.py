@@ -33,7 +33,6 @@ from torch.utils.data import DataLoader
 from ..data import (
     absolute_image_paths,
     is_release_pairs,
-    load_image,
     load_source,
     release_pairs_to_rows,
     subset_source,
@@ -482,8 +481,8 @@ class ContrastiveCollator:
     graph per step), or in chunks of `chunk_size` inputs for GradCache; each chunk is a separately padded processor
     batch, without pixel tensors when it has no image. A row that cannot be trained on is skipped with a warning
     naming its task, row and field (`query`, `pos`, `neg`): an image that cannot be read, an input that breaks a rule
-    of CPT's validation (`rule_problem`: placeholders that do not match its images, a literal special token, an
-    image of aspect ratio over 200) and, looked for only when a batch fails, one the processor refuses or cuts to no
+    of CPT's validation (`rule_problem`: placeholders that do not match its images, an image
+    of aspect ratio over 200) and, looked for only when a batch fails, one the processor refuses or cuts to no
     tokens (`processor_problem`).
     `skipped_rows` counts the batch's skipped rows by reason (returned with the batch, as the collator may run in
     data-loader worker processes).
@@ -510,7 +509,7 @@ class ContrastiveCollator:
         self.seed = seed
 
     def _side(self, row: dict, text_field: str, image_field: str, prompt: str | None):
-        text, images = row.get(text_field), [load_image(v) for v in _as_list(row.get(image_field))]
+        text, images = row.get(text_field), [self.processor.load_image(v) for v in _as_list(row.get(image_field))]
         return format_prompt(prompt, text), images
 
     def _negatives(self, row: dict) -> list[tuple[str | None, object]]:
@@ -539,16 +538,13 @@ class ContrastiveCollator:
         )
 
     def _encode(self, inputs: list[tuple[str, list]]) -> list[dict]:
-        """The processor batches of `inputs`, `chunk_size` at a time. A `ValueError` when the processor rejects an
-        input or cuts one to no tokens at all (an image-first input whose image is longer than `max_length`: the
-        model's position code fails on it far from the row)."""
+        """The processor batches of `inputs`, `chunk_size` at a time; the processor's `ValueError` when it rejects an
+        input (an image-first input whose image alone is longer than `max_length` included: the model's position
+        code would fail on it far from the row)."""
         size = self.chunk_size or len(inputs)
         chunks = []
         for start in range(0, len(inputs), size):
-            batch = self._process(inputs[start : start + size])
-            if not batch["attention_mask"].any(dim=1).all():
-                raise ValueError(f"an input is cut to no tokens by max_length {self.max_length}")
-            chunks.append(dict(batch))
+            chunks.append(dict(self._process(inputs[start : start + size])))
         return chunks
 
     def rule_problem(self, text: str, images: list) -> tuple[str, str] | None:
@@ -560,13 +556,11 @@ class ContrastiveCollator:
         return problem
 
     def processor_problem(self, text: str, images: list) -> tuple[str, str] | None:
-        """`(reason, detail)` when the processor refuses an input or cuts it to no tokens, else None."""
+        """`(reason, detail)` when the processor refuses an input, else None."""
         try:
-            batch = self._process([(text, images)])
+            self._process([(text, images)])
         except ValueError as error:
             return "rejected by the processor", str(error)
-        if not batch["attention_mask"].any():
-            return "cut to no tokens by max_length", f"max_length {self.max_length}"
         return None
 
     def _load_row(self, row: dict, task: TaskSpec, skipped: Counter) -> list[tuple[str, tuple[str, list]]] | None:
@@ -579,7 +573,7 @@ class ContrastiveCollator:
             inputs.append(("pos", self._side(row, "pos_text", "pos_image", task.document_prompt)))
             field = "neg_image"
             inputs += [
-                ("neg", (format_prompt(task.document_prompt, text), [load_image(v) for v in _as_list(image)]))
+                ("neg", (format_prompt(task.document_prompt, text), [self.processor.load_image(v) for v in _as_list(image)]))
                 for text, image in self._negatives(row)
             ]
         except (OSError, ValueError) as error:

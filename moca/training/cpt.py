@@ -30,10 +30,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.utils import ModelOutput, cached_file
 
-from ..data import absolute_image_paths, load_image, load_source, require_columns
+from ..data import absolute_image_paths, load_source, require_columns
 from ..modeling_moca import MoCaModel, MoCaPreTrainedModel
 # The processor's own placeholder pattern, so that the cost estimate expands images exactly as the collator does.
-from ..processing_moca import _PLACEHOLDER_PATTERN, IMAGE_PLACEHOLDER, MoCaProcessor, count_image_placeholders
+from ..processing_moca import IMAGE_PLACEHOLDER, MoCaProcessor, count_image_placeholders
 from .common import (
     MoCaTrainer,
     MoCaTrainingArguments,
@@ -375,18 +375,6 @@ def load_cpt_dataset(sources: list[str], split: str = "train", image_root: str |
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def expanded_text(processor: MoCaProcessor, text: str, tokens_per_image: list[int]) -> str:
-    """The text the processor tokenizes: each placeholder replaced by `<|vision_start|>`, the image's
-    `<|image_pad|>` tokens and `<|vision_end|>`; images without placeholders go first (as `MoCaProcessor.__call__`)."""
-    if not count_image_placeholders(text) and tokens_per_image:
-        text = IMAGE_PLACEHOLDER * len(tokens_per_image) + text
-    pieces = _PLACEHOLDER_PATTERN.split(text)
-    out = pieces[0]
-    for num_tokens, piece in zip(tokens_per_image, pieces[1:]):
-        out += processor.vision_start_token + processor.image_token * num_tokens + processor.vision_end_token + piece
-    return out
-
-
 def inspect_row(row: dict, processor: MoCaProcessor, max_length: int) -> dict:
     """Length (tokens), cost (equivalent tokens) and, for a row that cannot be trained on, why (`skip_reason`,
     the same for every row of the kind, and `skip_detail`).
@@ -409,7 +397,7 @@ def inspect_row(row: dict, processor: MoCaProcessor, max_length: int) -> dict:
     tokens_per_image = []
     for position, image in enumerate(images):
         try:
-            width, height = load_image(image).size
+            width, height = processor.load_image(image).size
         except Exception as error:  # any decoding error makes the row unusable, whatever its kind
             result["skip_reason"] = f"image {position} unreadable"
             result["skip_detail"] = f"{type(error).__name__}: {error}"
@@ -420,7 +408,9 @@ def inspect_row(row: dict, processor: MoCaProcessor, max_length: int) -> dict:
             return result
         tokens_per_image.append(processor.image_tokens(width, height))
 
-    ids = processor.tokenizer(expanded_text(processor, text, tokens_per_image), add_special_tokens=True)["input_ids"]
+    # The processor's own tokenization (images without placeholders go first, as in `MoCaProcessor.__call__`).
+    placed = text if count_image_placeholders(text) or not images else IMAGE_PLACEHOLDER * len(images) + text
+    ids = processor.token_ids([placed], tokens_per_image)[0]
     (kept,), keep_image = processor._truncate([ids], max_length)
     if not kept:
         # The cut moved before a first image longer than max_length: the sample would be all padding.
@@ -437,8 +427,9 @@ def prepare_cpt_dataset(dataset: datasets.Dataset, processor, max_length: int, n
     """Validate every row once, before training: returns `(dataset, skipped)` where `dataset` keeps the good
     rows with their `length`, `cost` and original `row_id`, and `skipped` counts the bad rows by reason.
 
-    Bad rows (unreadable image, placeholder/image count mismatch, a literal special token such as `<|video_pad|>`,
-    an image of aspect ratio over 200, empty text, a first image longer than `max_length`) are skipped with one warning per reason, so that one broken sample never stops a long run.
+    Bad rows (unreadable image, placeholder/image count mismatch, an image of aspect ratio over 200, empty text, a
+    first image longer than `max_length`) are skipped with one warning per reason, so that one broken sample never
+    stops a long run. Control tokens written in a text (a literal `<|video_pad|>`) are tokenized as plain text.
     """
     dataset = dataset.add_column("row_id", list(range(len(dataset))))
     dataset = dataset.map(
@@ -597,7 +588,7 @@ class CPTCollator:
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         texts = [row["text"] or "" for row in rows]
-        images = [[load_image(image) for image in row["images"] or []] for row in rows]
+        images = [[self.processor.load_image(image) for image in row["images"] or []] for row in rows]
         # The processor cuts at max_length without splitting an image: an image past the cut is dropped whole.
         batch = self.processor(
             text=texts,

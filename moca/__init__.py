@@ -7,6 +7,6 @@ stage; `moca.training` holds both training stages; `moca.cli` embeds and searche
 
 from .configuration_moca import MoCaConfig
 from .modeling_moca import MoCaModel, MoCaModelOutput
-from .processing_moca import MoCaProcessor, format_prompt, load_image
+from .processing_moca import InputError, MoCaProcessor, format_prompt, load_image
 
-__all__ = ["MoCaConfig", "MoCaModel", "MoCaModelOutput", "MoCaProcessor", "format_prompt", "load_image"]
+__all__ = ["InputError", "MoCaConfig", "MoCaModel", "MoCaModelOutput", "MoCaProcessor", "format_prompt", "load_image"]

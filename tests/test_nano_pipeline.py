@@ -161,3 +161,20 @@ def test_a_stage_is_reused_only_when_made_by_the_same_command_inputs_and_code(tm
     mark_current(model, key)
     mark_current(data, stage_key("data", {"seed": 1}))  # the input was remade otherwise: the output is stale
     assert not is_current(model, stage_key("train", ["--max_steps", "5"], [data])) and not model.exists()
+
+
+def test_the_causal_warm_up_ends_each_uncut_text_with_the_end_of_text_id(tiny_vlm_dir):
+    """The end-of-text token goes in as an id (written into the text, the processor reads it as plain text), and
+    only after a text that max_length did not cut, as `text + eos` cut at max_length gave."""
+    from train_causal_vlm import CaptionCollator
+
+    from moca import MoCaProcessor
+
+    processor = MoCaProcessor.from_pretrained(tiny_vlm_dir)
+    eos, short, long = processor.tokenizer.eos_token_id, "a red circle", "a much longer text that goes on and on and on"
+    batch = CaptionCollator(processor, max_length=12)([{"text": short, "images": []}, {"text": long, "images": []}])
+    short_ids = processor.tokenizer(short)["input_ids"]
+    assert batch["input_ids"][0, : len(short_ids) + 1].tolist() == short_ids + [eos]
+    assert batch["attention_mask"][0].sum() == len(short_ids) + 1 and batch["labels"][0, len(short_ids)] == eos
+    assert batch["input_ids"][1].tolist() == processor.tokenizer(long)["input_ids"][:12]  # cut: no end-of-text
+    assert batch["input_ids"].shape[1] == 12

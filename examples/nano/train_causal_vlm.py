@@ -30,19 +30,34 @@ class CaptionCollator:
     def __init__(self, processor: MoCaProcessor, max_length: int):
         self.processor = processor
         self.max_length = max_length
-        eos = processor.tokenizer.eos_token or ""
-        self.eos = eos
+        self.eos_token_id = processor.tokenizer.eos_token_id
 
     def __call__(self, rows):
-        texts = [row["text"] + self.eos for row in rows]
+        texts = [row["text"] for row in rows]
         images = [row["images"] or [] for row in rows]
-        batch = self.processor(text=texts, images=images if any(images) else None, truncation=True, max_length=self.max_length)
+        batch = self.processor(text=texts, images=images if any(images) else None, truncation=True,
+                               max_length=self.max_length, padding_side="right")  # fmt: skip
+        if self.eos_token_id is not None:
+            batch = self._append_eos(batch)
         labels = batch["input_ids"].clone()
         ignore = (batch["attention_mask"] == 0) | (batch["mm_token_type_ids"] != 0)
         for token_id in (self.processor.vision_start_token_id, self.processor.vision_end_token_id):
             ignore |= batch["input_ids"] == token_id
         labels[ignore] = -100
         batch["labels"] = labels
+        return batch
+
+    def _append_eos(self, batch):
+        """The end-of-text id after each text that `max_length` did not cut (as the text + eos string, cut at
+        `max_length`, once gave): appended as an id, since written into the text it is tokenized as plain text."""
+        lengths = batch["attention_mask"].sum(dim=1)
+        ended = (lengths < self.max_length).nonzero().squeeze(-1)
+        width = int((lengths + (lengths < self.max_length)).max())
+        for name in ("input_ids", "attention_mask", "mm_token_type_ids"):
+            pad = self.processor.tokenizer.pad_token_id if name == "input_ids" else 0
+            batch[name] = torch.nn.functional.pad(batch[name], (0, width - batch[name].shape[1]), value=pad)
+        batch["input_ids"][ended, lengths[ended]] = self.eos_token_id
+        batch["attention_mask"][ended, lengths[ended]] = 1
         return batch
 
 

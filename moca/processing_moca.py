@@ -262,7 +262,8 @@ class MoCaProcessor(ProcessorMixin):
         size = {"shortest_edge": min_tokens * area, "longest_edge": max_tokens * area}
         # transformers 5 reads the bounds from `size` alone (a config's legacy `min_pixels`/`max_pixels` are folded
         # into it on loading).
-        self.image_processor.size = size
+        # Of the type the image processor keeps (`SizeDict` in transformers 5), which its fast variant reads by attribute.
+        self.image_processor.size = type(self.image_processor.size)(**size)
 
     def stretch_small_image(self, image: Image.Image) -> Image.Image:
         """A side shorter than one merged patch stretched to it, as the release does before processing (the

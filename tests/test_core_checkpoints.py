@@ -108,8 +108,11 @@ def test_converted_checkpoint_processor_and_encode_match_the_original(converted,
     texts = [item["text"] for item in spec["inputs"]]
     images = [[Image.open(official_fixture / path) for path in item["images"]] for item in spec["inputs"]]
     batch = model.processor(text=texts, images=images)
-    for key in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw"):
+    for key in ("input_ids", "attention_mask", "image_grid_thw"):
         assert torch.equal(batch[key], tensors[key]), key
+    # Equal with the PIL image processor; the fast (torchvision) one rescales and normalises in another order
+    # (2.4e-7 observed).
+    torch.testing.assert_close(batch["pixel_values"], tensors["pixel_values"], atol=1e-6, rtol=0)
     encoded = model.encode([{"text": t, "image": i} for t, i in zip(texts, images)], batch_size=4)
     torch.testing.assert_close(encoded, expected["mean_normalized"], atol=1e-4, rtol=0)
 

@@ -14,7 +14,7 @@ from accelerate.utils import gather, parse_flag_from_env
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from moca.cli import DEFAULT_MAX_LENGTH, check_model_path
+from moca.cli import DEFAULT_MAX_LENGTH, check_model_path, set_image_tokens
 from moca.fingerprint import file_stamp, model_fingerprint  # noqa: F401 (eval's names for them)
 from moca.modeling_moca import DTYPES
 
@@ -121,10 +121,7 @@ def load_model(
         model = model_class.from_pretrained(name_or_path, revision=revision, dtype=DTYPES[dtype])
     else:
         model = MoCaModel.from_pretrained(name_or_path, revision=revision, dtype=DTYPES[dtype])
-    if any(bound is not None for bound in image_tokens):
-        if model.processor is None:
-            raise ValueError(f"{name_or_path} has no processor files: no image resolution to set.")
-        model.processor.set_image_token_bounds(*image_tokens)
+    set_image_tokens(model, image_tokens, name=name_or_path)
     return model.to(device).eval()
 
 

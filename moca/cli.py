@@ -327,7 +327,7 @@ def embed(
             skipped = []
         model = MoCaModel.from_pretrained(model_path, dtype=DTYPES[dtype] if dtype else None).eval()
         fingerprint = model_fingerprint(model)  # of the checkpoint as stored, as `search` loads it
-        _set_image_tokens(model, image_tokens)
+        set_image_tokens(model, image_tokens)
         prompt = model.resolve_prompt(None, prompt_name) if prompt_name else model.config.document_prompt
 
         # Chunks of embeddings go to disk as they are done. A rerun resumes from them only with the same weights
@@ -479,10 +479,11 @@ def read_index(path: str | Path) -> Index:
 # ---------------------------------------------------------------------------------------------- search
 
 
-def _set_image_tokens(model, image_tokens) -> None:
+def set_image_tokens(model, image_tokens, name: str = "The checkpoint") -> None:
+    """`(fewest, most)` visual tokens per image over the checkpoint's own bounds (`None` keeps a bound)."""
     if any(bound is not None for bound in image_tokens):
         if model.processor is None:
-            raise ValueError("The checkpoint has no processor files: no image resolution to set.")
+            raise ValueError(f"{name} has no processor files: no image resolution to set.")
         model.processor.set_image_token_bounds(*image_tokens)
 
 
@@ -510,7 +511,7 @@ def search(
     # In the index's dtype: the same weights then have the same fingerprint, and queries the index's precision.
     model = MoCaModel.from_pretrained(model_path, dtype=DTYPES[index.dtype] if index.dtype else None).eval()
     fingerprint = model_fingerprint(model)
-    _set_image_tokens(model, image_tokens)
+    set_image_tokens(model, image_tokens)
     if query_image is not None and not Path(query_image).is_file():
         raise ValueError(f"--query_image {query_image}: no such file.")
     query_embedding = model.encode_queries(

@@ -372,9 +372,7 @@ class MoCaProcessor(ProcessorMixin):
             decoded = self.load_image(image)
         except ValueError as error:
             raise InputError(sample, str(error), "Sample") from error
-        stretched = self.stretch_small_image(decoded)
-        width, height = stretched.size
-        if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
+        if self.resized_size(*decoded.size) is None:
             raise InputError(
                 sample,
                 f"image {position} is {decoded.width}x{decoded.height} px: its aspect ratio is over {MAX_ASPECT_RATIO} "
@@ -382,7 +380,7 @@ class MoCaProcessor(ProcessorMixin):
                 f"or pad it to a ratio of at most {MAX_ASPECT_RATIO}.",
                 "Sample",
             )  # fmt: skip
-        return stretched
+        return self.stretch_small_image(decoded)
 
     def token_ids(self, texts: Sequence[str], tokens_per_image: Sequence[int]) -> list[list[int]]:
         """Token ids of texts with one placeholder per image (`tokens_per_image`: visual tokens of each image, in

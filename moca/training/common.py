@@ -19,7 +19,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, seed_worker
 
 from ..model_card import write_model_card
 from ..modeling_moca import DTYPES
-from ..processing_moca import count_image_placeholders
+from ..processing_moca import MAX_ASPECT_RATIO, count_image_placeholders
 
 logger = logging.getLogger(__name__)
 
@@ -156,10 +156,6 @@ def flag_given(argv: list[str] | None, flag: str) -> bool:
 # Rules every training input obeys, checked per row before a batch is built (a bad row is a counted skip)
 # ---------------------------------------------------------------------------------------------------------------
 
-# The Qwen-VL resizing (`smart_resize`) refuses images whose sides differ by more than this factor.
-MAX_ASPECT_RATIO = 200
-
-
 def text_problem(processor, text: str, num_images: int) -> tuple[str, str] | None:
     """`(reason, detail)` when the text cannot go with `num_images` images, else None: placeholders that do not
     match the images (a placeholder with no image at all included). Control tokens written in the text (such as a
@@ -172,11 +168,18 @@ def text_problem(processor, text: str, num_images: int) -> tuple[str, str] | Non
 
 def image_problem(processor, position: int, width: int, height: int) -> tuple[str, str] | None:
     """`(reason, detail)` when the image processor would refuse an image of this size, else None."""
-    side = processor.token_side  # shorter sides are stretched to one merged patch first
-    width, height = max(width, side), max(height, side)
-    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+    if processor.resized_size(width, height) is None:
         return f"image {position} aspect ratio over {MAX_ASPECT_RATIO}", f"{width}x{height}"
     return None
+
+
+def with_image_token_bounds(model, args: ModelDataArguments):
+    """`model`, its processor set to `--min_image_tokens`/`--max_image_tokens` (unset: the model's own bounds);
+    training needs the processor, so a checkpoint without processor files is refused here."""
+    if model.processor is None:
+        raise ValueError(f"{args.model_name_or_path} has no processor files: training needs its tokenizer and image processor.")
+    model.processor.set_image_token_bounds(args.min_image_tokens, args.max_image_tokens)
+    return model
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ from .common import (
     is_moca_checkpoint,
     text_problem,
     torch_dtype,
+    with_image_token_bounds,
 )
 
 logger = logging.getLogger(__name__)
@@ -824,9 +825,7 @@ def load_contrastive_model(args: ContrastiveArguments) -> MoCaModel:
         model = MoCaModel.from_backbone(
             args.model_name_or_path, bidirectional=args.bidirectional, pooling=args.pooling, **kwargs
         )
-    if model.processor is None:
-        raise ValueError(f"{args.model_name_or_path} has no processor files: training needs its tokenizer and image processor.")
-    model.processor.set_image_token_bounds(args.min_image_tokens, args.max_image_tokens)
+    with_image_token_bounds(model, args)
     if args.matryoshka_dims:
         bad = [dim for dim in args.matryoshka_dims if not 0 < dim <= model.config.hidden_size]
         if bad:

@@ -42,6 +42,7 @@ from .common import (
     is_moca_checkpoint,
     text_problem,
     torch_dtype,
+    with_image_token_bounds,
 )
 
 logger = logging.getLogger(__name__)
@@ -797,9 +798,7 @@ def load_cpt_model(args: CPTArguments) -> MoCaForContinualPretraining:
         model = MoCaForContinualPretraining.from_pretrained(args.model_name_or_path, **kwargs)
     else:
         model = MoCaForContinualPretraining.from_backbone(args.model_name_or_path, **kwargs)
-    if model.processor is None:
-        raise ValueError(f"{args.model_name_or_path} has no processor files: training needs its tokenizer and image processor.")
-    model.processor.set_image_token_bounds(args.min_image_tokens, args.max_image_tokens)
+    with_image_token_bounds(model, args)
     return model
 
 

@@ -69,9 +69,9 @@ def matmul_flops_per_second(dtype=torch.float32, size: int = 2048, seconds: floa
 def model_flops(model: MoCaModel, batch) -> float:
     """Forward FLOPs of the real (non-padding) tokens of a processed batch: 2 x weights touched per token for
     the language model and vision tower, plus attention scores and mixing (4 x length^2 x width per layer)."""
-    text_model = model.vlm.language_model
+    text_model = model.model.language_model
     text_params = sum(p.numel() for n, p in text_model.named_parameters() if "embed_tokens" not in n)
-    vision_params = sum(p.numel() for p in model.vlm.visual.parameters())
+    vision_params = sum(p.numel() for p in model.model.visual.parameters())
     lengths = batch["attention_mask"].sum(-1).double()
     text_config = model.config.vlm_config.get_text_config()
     flops = (

@@ -7,6 +7,19 @@ from transformers.configuration_utils import SubConfigSpec
 
 
 SUPPORTED_BACKBONES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl")
+# The stock transformers classes of each backbone, written into every checkpoint's `config.json` and processor
+# files so that code which never runs ours (transformers' `AutoModel`, sentence-transformers, vLLM) reads a MoCa
+# checkpoint as the backbone it is, with `text_config.is_causal: false`.
+STOCK_ARCHITECTURES = {
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen3_vl": "Qwen3VLForConditionalGeneration",
+}
+STOCK_PROCESSORS = {"qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen2_vl": "Qwen2VLProcessor", "qwen3_vl": "Qwen3VLProcessor"}
+# The key of `config.json` that holds MoCa's own settings beside the backbone's.
+MOCA_KEY = "moca"
+MOCA_FIELDS = ("pooling", "normalize", "bidirectional", "matryoshka_dims", "prompts", "query_prompt", "document_prompt",
+               "image_prompt")
 POOLING_MODES = ("mean", "last")
 
 # Prompts of the original MoCa release, by name (`encode(..., prompt_name=...)`, and sentence-transformers'
@@ -91,6 +104,41 @@ class MoCaConfig(PreTrainedConfig):
         # attention modules alone is silently causal with sdpa when a batch has no padding.
         self.vlm_config.get_text_config().is_causal = not self.bidirectional
 
+    # ------------------------------------------------------------------ the checkpoint layout
+    # On disk a MoCa config is the backbone's own config (its `model_type`, a stock `architectures`, the text
+    # config's `is_causal: false`) with MoCa's settings under `"moca"`; in memory it nests the backbone as
+    # `vlm_config`. Checkpoints of earlier versions (`model_type: "moca"`, `vlm_config`) still load.
+
+    def to_stock_dict(self) -> dict:
+        """The `config.json` of a MoCa checkpoint: what stock transformers, sentence-transformers and vLLM read."""
+        nested = self.to_dict()
+        backbone = nested.pop("vlm_config")
+        backbone.pop("_name_or_path", None)
+        stock = {
+            **backbone,
+            "architectures": [STOCK_ARCHITECTURES[backbone["model_type"]]],
+            MOCA_KEY: {field: nested[field] for field in MOCA_FIELDS},
+            "transformers_version": nested["transformers_version"],
+        }
+        for key in ("auto_map", "dtype"):
+            if nested.get(key) is not None:
+                stock[key] = nested[key]
+        return stock
+
+    def to_diff_dict(self) -> dict:
+        # What `save_pretrained` writes: the whole stock layout (a diff against MoCa's defaults would drop backbone
+        # fields that the engines reading the file need).
+        return self.to_stock_dict()
+
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        return nested_config_dict(config_dict), kwargs
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        return super().from_dict(nested_config_dict(config_dict), **kwargs)
+
     def get_text_config(self, decoder=None, encoder=None) -> PreTrainedConfig:
         """The backbone's text config: what transformers (token-embedding resizing, attention masks), peft,
         sentence-transformers and serving engines look up `vocab_size`, `hidden_size` and `is_causal` in. The
@@ -110,9 +158,22 @@ class MoCaConfig(PreTrainedConfig):
         return self.vlm_config.video_token_id
 
 
+def nested_config_dict(config_dict: dict) -> dict:
+    """A MoCa `config.json` in the stock layout -> `MoCaConfig`'s arguments; any other dict as it is."""
+    if not isinstance(config_dict.get(MOCA_KEY), dict):
+        return config_dict
+    backbone = dict(config_dict)
+    settings = backbone.pop(MOCA_KEY)
+    nested = {"model_type": MoCaConfig.model_type, **settings, "vlm_config": backbone}
+    for key in ("auto_map", "dtype", "transformers_version", "_name_or_path", "_commit_hash", "attn_implementation"):
+        if key in backbone:
+            nested[key] = backbone.pop(key)
+    return nested
+
+
 MoCaConfig.register_for_auto_class()
 
-__all__ = ["MoCaConfig", "RELEASE_PROMPTS"]
+__all__ = ["MoCaConfig", "RELEASE_PROMPTS", "STOCK_ARCHITECTURES", "STOCK_PROCESSORS"]
 # Known to the Auto classes wherever this module is imported, so that loading a MoCa checkpoint's
 # tokenizer or processor does not fall back to a generic config.
 AutoConfig.register("moca", MoCaConfig, exist_ok=True)

@@ -7,6 +7,7 @@ The backbone is the stock transformers model of the VLM (`Qwen2_5_VLModel`, `Qwe
 
 import json
 import logging
+import re
 import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -18,18 +19,14 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers.utils import ModelOutput, cached_file
 
-from .configuration_moca import MoCaConfig
-from .processing_moca import RELEASE_IMAGE_TOKENS, InputError, MoCaProcessor
+from .configuration_moca import STOCK_PROCESSORS, MoCaConfig
+from .processing_moca import RELEASE_IMAGE_TOKENS, InputError, MoCaProcessor, chat_template
 
 logger = logging.getLogger(__name__)
 
 # The weight dtypes every command accepts by name (`--dtype`).
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-REMOTE_CODE_FILES = (
-    "configuration_moca.py", "modeling_moca.py", "processing_moca.py", "model_card.py", "sentence_transformers_moca.py",
-)  # fmt: skip
-# The sentence-transformers module saved into every checkpoint (a class of `sentence_transformers_moca.py`).
-SENTENCE_TRANSFORMERS_MODULE = "sentence_transformers_moca.MoCaSentenceTransformer"
+REMOTE_CODE_FILES = ("configuration_moca.py", "modeling_moca.py", "processing_moca.py", "model_card.py")
 # What a saved processor consists of, each part under one of its file names (transformers 5 writes the image
 # processor into processor_config.json, earlier releases into preprocessor_config.json): without them a
 # checkpoint has no processor, which is a warning, not an error.
@@ -37,6 +34,21 @@ PROCESSOR_FILES = {
     "image processor": ("processor_config.json", "preprocessor_config.json"),
     "tokenizer": ("tokenizer_config.json",),
 }
+# Weights are saved under the backbone's stock key names, those of the Qwen-VL checkpoints on the Hub (and of the
+# original MoCa release): the language model under `model.`, the vision tower under `visual.`. Stock transformers,
+# sentence-transformers and vLLM load them as the backbone.
+_STOCK_KEYS = ((re.compile(r"^model\.language_model\."), "model."), (re.compile(r"^model\.visual\."), "visual."))
+# ... and mapped back on loading, as are the `vlm.*` keys of checkpoints written by earlier versions of this package.
+LOAD_KEY_MAPPING = {
+    r"^vlm\.": "model.",
+    r"^visual\.": "model.visual.",
+    r"^model\.(?!language_model\.|visual\.)": "model.language_model.",
+}
+# The stock sentence-transformers modules every checkpoint lists (Transformer -> mean Pooling -> Normalize), so
+# `SentenceTransformer(dir)` needs no remote code; vLLM reads its pooling and normalisation from the same files.
+ST_TRANSFORMER = "sentence_transformers.base.modules.transformer.Transformer"
+ST_POOLING = "sentence_transformers.sentence_transformer.modules.pooling.Pooling"
+ST_NORMALIZE = "sentence_transformers.base.modules.normalize.Normalize"
 # Keyword arguments of `from_pretrained` that also say where to find the processor files.
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
 
@@ -98,22 +110,22 @@ class MoCaModel(MoCaPreTrainedModel):
 
     def __init__(self, config: MoCaConfig, vlm: PreTrainedModel | None = None):
         super().__init__(config)
-        self.vlm = vlm if vlm is not None else AutoModel.from_config(config.vlm_config)
+        self.model = vlm if vlm is not None else AutoModel.from_config(config.vlm_config)
         self.processor: MoCaProcessor | None = None
         self.post_init()
 
     def get_input_embeddings(self):
-        return self.vlm.get_input_embeddings()
+        return self.model.get_input_embeddings()
 
     def set_input_embeddings(self, value):
-        self.vlm.set_input_embeddings(value)
+        self.model.set_input_embeddings(value)
 
     def compute_position_ids(self, input_ids, attention_mask, image_grid_thw=None, video_grid_thw=None,
                              mm_token_type_ids=None) -> torch.Tensor:
         """3D M-RoPE positions, counted over non-padding tokens only (so left padding changes nothing)."""
         if mm_token_type_ids is None:
             mm_token_type_ids = mm_token_type_ids_from_input_ids(input_ids, self.config)
-        position_ids, _ = self.vlm.get_rope_index(
+        position_ids, _ = self.model.get_rope_index(
             input_ids,
             mm_token_type_ids=mm_token_type_ids,
             image_grid_thw=image_grid_thw,
@@ -142,7 +154,7 @@ class MoCaModel(MoCaPreTrainedModel):
             position_ids = self.compute_position_ids(
                 input_ids, attention_mask, image_grid_thw, video_grid_thw, mm_token_type_ids
             )
-        outputs = self.vlm(
+        outputs = self.model(
             input_ids=input_ids if inputs_embeds is None else None,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -197,13 +209,15 @@ class MoCaModel(MoCaPreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+        kwargs.setdefault("key_mapping", LOAD_KEY_MAPPING)
         try:
-            model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+            loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         except SafetensorError as error:  # safetensors' own message names no file
             path = _unreadable_weight_file(pretrained_model_name_or_path, hub_kwargs)
             raise ValueError(
                 f"cannot read the weights {path}: {error} (a truncated or corrupt file: download or save it again)."
             ) from error
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading info) with output_loading_info
         missing = [
             f"{part} ({' or '.join(names)})" for part, names in PROCESSOR_FILES.items()
             if not any(
@@ -220,10 +234,20 @@ class MoCaModel(MoCaPreTrainedModel):
             model.processor = None
         else:  # processor files that are there but broken raise: a silently missing processor would hide them
             model.processor = MoCaProcessor.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
-        return model
+        return loaded
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        super().save_pretrained(save_directory, *args, **kwargs)
+    def save_pretrained(self, save_directory, *args, state_dict=None, **kwargs):
+        """The checkpoint in the backbone's stock layout (see `MoCaConfig.to_stock_dict`, `_STOCK_KEYS`), with its
+        processor, remote code, sentence-transformers files and model card. `state_dict` (what a sharded run
+        gathers) replaces the module's own."""
+        state_dict = self.state_dict() if state_dict is None else state_dict
+        stock = {}
+        for name, tensor in state_dict.items():
+            for pattern, prefix in _STOCK_KEYS:
+                name = pattern.sub(prefix, name)
+            stock[name] = tensor
+        # The names are final: transformers must not revert the renaming it did on loading.
+        super().save_pretrained(save_directory, *args, state_dict=stock, save_original_format=False, **kwargs)
         if not kwargs.get("is_main_process", True):
             return  # the main process writes the files beside the weights
         # Remote code: these files let `AutoModel.from_pretrained(dir, trust_remote_code=True)` and
@@ -233,7 +257,9 @@ class MoCaModel(MoCaPreTrainedModel):
             if (here / name).resolve() != (Path(save_directory) / name).resolve():
                 shutil.copyfile(here / name, Path(save_directory) / name)
         if self.processor is not None:
+            self.processor.chat_template = chat_template(self.config.image_prompt)
             self.processor.save_pretrained(save_directory)
+            write_stock_processor_files(save_directory, self.config)
         write_sentence_transformers_files(save_directory, self.config)
         if not (Path(save_directory) / "README.md").exists():
             from .model_card import write_model_card
@@ -391,15 +417,73 @@ def _progress(iterable: Iterable, show: bool | None, default: bool):
     return tqdm(iterable, desc="Encoding", unit="batch")
 
 
-def write_sentence_transformers_files(save_directory, config: MoCaConfig) -> None:
-    """`modules.json` and `config_sentence_transformers.json`: every MoCa checkpoint is a sentence-transformers model.
+def _update_json(path: Path, update) -> None:
+    with open(path, encoding="utf-8") as f:
+        content = json.load(f)
+    update(content)
+    _write_json(path, content)
 
-    Written by hand rather than by `SentenceTransformer.save` so that saving needs no sentence-transformers.
-    The prompts are MoCa's format strings, by name (`prompt_name=` in sentence-transformers); the module applies
-    `{text}` (sentence-transformers would only prefix). `query` / `document`, which `encode_query` /
-    `encode_document` use, are there only when the config sets a query / document prompt.
+
+def _write_json(path: Path, content) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(content, f, indent=2)
+        f.write("\n")
+
+
+def write_stock_processor_files(save_directory, config: MoCaConfig) -> None:
+    """The saved processor as the backbone's stock processor (`Qwen2_5_VLProcessor`, ...), which `AutoProcessor`
+    loads without remote code (`MoCaModel.save_pretrained` gives it MoCa's input format as its chat template,
+    `chat_template.jinja`). The `auto_map` stays: with
+    `trust_remote_code=True`, `AutoProcessor` gives `MoCaProcessor`, which reads the same files (only their image
+    processor and tokenizer, not the video processor, so it needs no torchvision)."""
+    directory = Path(save_directory)
+    stock_class = STOCK_PROCESSORS[config.vlm_config.model_type]
+
+    def stock_processor(content):
+        content["processor_class"] = stock_class
+        image = content.get("image_processor", {})
+        # The stock processors need a video processor; these are its defaults for the backbone's patching.
+        content.setdefault("video_processor", {
+            "video_processor_type": "Qwen3VLVideoProcessor" if config.vlm_config.model_type == "qwen3_vl" else "Qwen2VLVideoProcessor",
+            **{key: image[key] for key in ("patch_size", "temporal_patch_size", "merge_size") if key in image},
+        })  # fmt: skip
+
+    def stock_tokenizer(content):
+        content["processor_class"] = stock_class
+
+    _update_json(directory / "processor_config.json", stock_processor)
+    _update_json(directory / "tokenizer_config.json", stock_tokenizer)
+
+
+def write_sentence_transformers_files(save_directory, config: MoCaConfig) -> None:
+    """The sentence-transformers files of every MoCa checkpoint: stock modules (Transformer -> Pooling ->
+    Normalize), so that `SentenceTransformer(dir)` loads it without remote code, and vLLM reads the pooling and the
+    normalisation from them.
+
+    Written by hand rather than by `SentenceTransformer.save` so that saving needs no sentence-transformers (nor
+    torchvision, which its multimodal Transformer needs for Qwen-VL). Every input goes through the processor's chat
+    template (the `message` modality), which applies the prompts as MoCa does; they are MoCa's format strings, by
+    name (`prompt_name=`). `query` / `document`, which `encode_query` / `encode_document` use, are there only when
+    the config sets a query / document prompt.
     """
-    modules = [{"idx": 0, "name": "0", "path": "", "type": SENTENCE_TRANSFORMERS_MODULE}]
+    directory = Path(save_directory)
+    modules = [{"idx": 0, "name": "0", "path": "", "type": ST_TRANSFORMER}]
+    modules.append({"idx": 1, "name": "1", "path": "1_Pooling", "type": ST_POOLING})
+    if config.normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": ST_NORMALIZE})
+    forward = {"method": "forward", "method_output_name": "last_hidden_state"}
+    transformer = {
+        "transformer_task": "feature-extraction",
+        "modality_config": {"text": forward, "image": forward, "message": {**forward, "format": "structured"}},
+        "module_output_name": "token_embeddings",
+        # Qwen-VL's 3D positions need padded batches.
+        "unpad_inputs": False,
+    }
+    pooling = {
+        "embedding_dimension": config.hidden_size,
+        "pooling_mode": "mean" if config.pooling == "mean" else "lasttoken",
+        "include_prompt": True,
+    }
     settings = {
         "model_type": "SentenceTransformer",
         "prompts": {
@@ -410,10 +494,15 @@ def write_sentence_transformers_files(save_directory, config: MoCaConfig) -> Non
         "default_prompt_name": None,
         "similarity_fn_name": "cosine",
     }
-    for name, content in (("modules.json", modules), ("config_sentence_transformers.json", settings)):
-        with open(Path(save_directory) / name, "w", encoding="utf-8") as f:
-            json.dump(content, f, indent=2)
-            f.write("\n")
+    _write_json(directory / "modules.json", modules)
+    _write_json(directory / "sentence_bert_config.json", transformer)
+    (directory / "1_Pooling").mkdir(exist_ok=True)
+    _write_json(directory / "1_Pooling" / "config.json", pooling)
+    if config.normalize:  # a config file of its own, as sentence-transformers writes, so that uploads keep the folder
+        (directory / "2_Normalize").mkdir(exist_ok=True)
+        _write_json(directory / "2_Normalize" / "config.json",
+                    {"module_input_name": "sentence_embedding", "module_output_name": "sentence_embedding"})
+    _write_json(directory / "config_sentence_transformers.json", settings)
 
 
 MoCaModel.register_for_auto_class("AutoModel")

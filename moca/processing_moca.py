@@ -1,6 +1,7 @@
 """MoCaProcessor: text, images and interleaved text+image inputs -> inputs of a MoCa model."""
 
 import io
+import json
 import os
 import re
 import warnings
@@ -42,6 +43,41 @@ def format_prompt(prompt: str | None, text: str | None) -> str:
 
 def count_image_placeholders(text: str) -> int:
     return len(_PLACEHOLDER_PATTERN.findall(text))
+
+
+# `parse_inputs`' rules as a chat template, saved into every checkpoint's processor: sentence-transformers (and any
+# code that applies the processor's chat template) turns each input into messages, the prompt into a system
+# message, and gets the text MoCa itself would build: the prompt is a format string with `{text}` or a prefix, an
+# input of images alone gets the prompt when it has no `{text}` (else IMAGE_PROMPT), images go where the text has
+# `<image>`, `<|image_N|>` or the vision tokens, else first. Written in Jinja because the template is all those
+# engines run; `chat_template(image_prompt)` fills in IMAGE_PROMPT.
+_CHAT_TEMPLATE = """{%- set ns = namespace(prompt='', text='', images=0) -%}
+{%- for message in messages -%}
+{%- if message.content is string -%}{%- set parts = [{'type': 'text', 'text': message.content}] -%}{%- else -%}{%- set parts = message.content -%}{%- endif -%}
+{%- for part in parts -%}
+{%- if part.type == 'text' -%}
+{%- if message.role == 'system' -%}{%- set ns.prompt = ns.prompt + part.text -%}{%- else -%}{%- set ns.text = ns.text + part.text -%}{%- endif -%}
+{%- elif part.type == 'image' -%}{%- set ns.images = ns.images + 1 -%}
+{%- endif -%}
+{%- endfor -%}
+{%- endfor -%}
+{%- if not ns.text and ns.images and ns.prompt and '{text}' not in ns.prompt -%}{%- set text = ns.prompt -%}
+{%- elif not ns.text and ns.images and IMAGE_PROMPT -%}{%- set text = IMAGE_PROMPT -%}
+{%- elif '{text}' in ns.prompt -%}{%- set text = ns.prompt.replace('{text}', ns.text) -%}
+{%- else -%}{%- set text = ns.prompt + ns.text -%}{%- endif -%}
+{%- set vision = '<|vision_start|><|image_pad|><|vision_end|>' -%}
+{%- set text = text.replace(vision, '<image>') -%}
+{%- for i in range(1, ns.images + 1) -%}{%- set text = text.replace('<|image_' ~ i ~ '|>', '<image>') -%}{%- endfor -%}
+{%- set placeholders = text.count('<image>') -%}
+{%- if placeholders == 0 -%}{%- set text = '<image>' * ns.images + text -%}
+{%- elif placeholders != ns.images -%}{{ raise_exception('the text has ' ~ placeholders ~ ' image placeholder(s) but ' ~ ns.images ~ ' image(s) were given') }}
+{%- endif -%}
+{{- text.replace('<image>', vision) -}}"""
+
+
+def chat_template(image_prompt: str | None) -> str:
+    """The chat template that renders messages as MoCa's input text (see `_CHAT_TEMPLATE`)."""
+    return "{%- set IMAGE_PROMPT = " + json.dumps(image_prompt or "") + " -%}\n" + _CHAT_TEMPLATE + "\n"
 
 
 class InputError(ValueError):
@@ -204,8 +240,10 @@ class MoCaProcessor(ProcessorMixin):
     does not match the images, and a sample whose first image alone is longer than `max_length`.
     """
 
-    def __init__(self, image_processor=None, tokenizer=None, **kwargs):
-        super().__init__(image_processor, tokenizer, **kwargs)
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        # `chat_template` named here, as transformers passes a saved processor only the arguments named in the
+        # signature: MoCa's template (`chat_template()`), which sentence-transformers applies.
+        super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
         self.image_token = "<|image_pad|>"
         self.vision_start_token = "<|vision_start|>"
         self.vision_end_token = "<|vision_end|>"
@@ -555,6 +593,6 @@ class MoCaProcessor(ProcessorMixin):
 MoCaProcessor.register_for_auto_class("AutoProcessor")
 
 __all__ = [
-    "MoCaProcessor", "InputError", "format_prompt", "count_image_placeholders", "load_image", "parse_input", "IMAGE_PLACEHOLDER",
+    "MoCaProcessor", "InputError", "chat_template", "format_prompt", "count_image_placeholders", "load_image", "parse_input", "IMAGE_PLACEHOLDER",
     "IMAGE_EXTENSIONS", "MAX_ASPECT_RATIO", "RELEASE_IMAGE_TOKENS",
 ]  # fmt: skip

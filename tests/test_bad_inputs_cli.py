@@ -26,7 +26,7 @@ def checkpoint(tiny_moca, tmp_path_factory):
 
 def save_with_changed_weights(model, folder, change) -> None:
     """`model` saved to `folder` with its final norm's weight changed by `change` (same size, other weights)."""
-    weight = model.vlm.language_model.norm.weight
+    weight = model.model.language_model.norm.weight
     original = weight.detach().clone()
     with torch.no_grad():
         weight.copy_(change(original))

@@ -162,7 +162,7 @@ def test_non_finite_embeddings_name_the_first_input_of_the_batch(tiny_moca):
 
     model = copy.deepcopy(tiny_moca[0])
     with torch.no_grad():
-        model.vlm.language_model.norm.weight[0] = float("nan")
+        model.model.language_model.norm.weight[0] = float("nan")
     inputs = ["red", "red green blue yellow orange purple black white", "red green"]
     # Sorted by cost, the first batch of two is inputs 1 and 2: the error names input 1, not position 0.
     with pytest.raises(ValueError, match=r"Input 1: the embeddings of its batch \(2 inputs\) are not finite .*weights may hold NaN/inf"):

@@ -79,8 +79,8 @@ def test_training_lowers_the_loss_and_raises_retrieval_accuracy(tiny_vlm_dir, ta
     # The saved folder is a MoCa checkpoint that loads as remote code, with a card.
     loaded = AutoModel.from_pretrained(tmp_path, trust_remote_code=True)
     assert loaded.config.model_type == "moca" and loaded.config.matryoshka_dims == [128, 64]
-    torch.testing.assert_close(loaded.state_dict()["vlm.language_model.layers.0.mlp.up_proj.weight"],
-                               trainer.model.state_dict()["vlm.language_model.layers.0.mlp.up_proj.weight"])  # fmt: skip
+    torch.testing.assert_close(loaded.state_dict()["model.language_model.layers.0.mlp.up_proj.weight"],
+                               trainer.model.state_dict()["model.language_model.layers.0.mlp.up_proj.weight"])  # fmt: skip
     # The prompts trained with travel with the checkpoint, by task; the two tasks share neither prompt, so
     # neither role gets a default.
     prompts = loaded.config.prompts
@@ -106,5 +106,5 @@ def test_lora_is_merged_into_the_saved_checkpoint(tiny_vlm_dir, task_dir, tmp_pa
     merged = AutoModel.from_pretrained(tmp_path, trust_remote_code=True).state_dict()
     assert set(merged) == set(base)  # a plain MoCa checkpoint: no adapter weights left
     changed = {name for name in base if not torch.equal(base[name], merged[name])}
-    assert "vlm.language_model.layers.0.self_attn.q_proj.weight" in changed
+    assert "model.language_model.layers.0.self_attn.q_proj.weight" in changed
     assert changed and all("language_model.layers" in name for name in changed)  # the vision tower is untouched

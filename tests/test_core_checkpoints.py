@@ -83,7 +83,7 @@ def test_converted_original_checkpoint_reproduces_its_embeddings(converted, offi
     with torch.no_grad():
         out = model(**inputs)
         out32 = model(**{**inputs, "input_ids": tensors["input_ids_pad32"], "attention_mask": tensors["attention_mask_pad32"]})
-        image_embeds = model.vlm.visual(tensors["pixel_values"], grid_thw=tensors["image_grid_thw"]).pooler_output
+        image_embeds = model.model.visual(tensors["pixel_values"], grid_thw=tensors["image_grid_thw"]).pooler_output
     torch.testing.assert_close(out.embeddings, expected["mean_normalized"], atol=1e-4, rtol=0)
     torch.testing.assert_close(out32.embeddings, expected["mean_normalized"], atol=1e-4, rtol=0)
     raw = model.config.normalize

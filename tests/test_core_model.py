@@ -17,7 +17,7 @@ def _image(color, size=(56, 56)):
 def _load(path, **kw):
     model = MoCaModel.from_backbone(path, image_tokens=None, dtype=torch.float32, **kw).eval()
     if "attn_implementation" in kw:
-        assert model.vlm.language_model.config._attn_implementation == kw["attn_implementation"]
+        assert model.model.language_model.config._attn_implementation == kw["attn_implementation"]
     return model
 
 
@@ -176,7 +176,7 @@ def test_queries_without_a_prompt_are_encoded_as_they_are(tiny_vlm_dir):
 @pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
 def test_every_backbone_embeds_bidirectionally(tiny_vlm_dirs, arch):
     model = _load(tiny_vlm_dirs[arch])
-    assert model.vlm.config.model_type == arch
+    assert model.model.config.model_type == arch
     embeddings = model.encode(INPUTS)
     assert embeddings.shape == (len(INPUTS), model.config.hidden_size)
     assert torch.isfinite(embeddings).all()

@@ -68,5 +68,5 @@ def test_two_processes_train_and_agree(tiny_vlm_dir, tmp_path):
     for name, tensor in weights[0].items():
         torch.testing.assert_close(weights[1][name], tensor, rtol=0, atol=0, msg=name)
     # Training did move the weights.
-    embed = weights[0]["moca.vlm.language_model.embed_tokens.weight"]
+    embed = weights[0]["moca.model.language_model.embed_tokens.weight"]
     assert not torch.equal(embed, initial["model.embed_tokens.weight"])

@@ -45,7 +45,9 @@ _ENCODE_SCRIPT = textwrap.dedent(
 
     checkpoint, output, save_to, image_path = sys.argv[1:5]
     model = SentenceTransformer(checkpoint, trust_remote_code=True)
-    assert type(model[0]).__module__.startswith("transformers_modules."), type(model[0]).__module__
+    # The stock Transformer module runs the checkpoint's own MoCaModel and MoCaProcessor (no torchvision needed).
+    assert type(model[0].auto_model).__module__.startswith("transformers_modules."), type(model[0].auto_model)
+    assert type(model[0].processor).__name__ == "MoCaProcessor", type(model[0].processor)
     red, green = Image.new("RGB", (112, 112), "red"), Image.new("RGB", (56, 112), (20, 200, 90))
     inputs = [
         "A red circle on a white background.",
@@ -103,16 +105,23 @@ def _encode_in_fresh_process(checkpoint, output, save_to, image_path, cwd):
 def test_checkpoint_files_make_a_sentence_transformers_model(moca_checkpoint, tiny_moca):
     model, _ = tiny_moca
     modules = json.loads((moca_checkpoint / "modules.json").read_text())
-    assert modules == [
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers_moca.MoCaSentenceTransformer"}
+    # Stock modules only, so that no remote code is needed to build the pipeline; vLLM reads the same list.
+    assert [module["type"] for module in modules] == [
+        "sentence_transformers.base.modules.transformer.Transformer",
+        "sentence_transformers.sentence_transformer.modules.pooling.Pooling",
+        "sentence_transformers.base.modules.normalize.Normalize",
     ]
+    pooling = json.loads((moca_checkpoint / "1_Pooling" / "config.json").read_text())
+    assert pooling == {"embedding_dimension": model.config.hidden_size, "pooling_mode": "mean", "include_prompt": True}
+    transformer = json.loads((moca_checkpoint / "sentence_bert_config.json").read_text())
+    assert transformer["unpad_inputs"] is False and "message" in transformer["modality_config"]
     settings = json.loads((moca_checkpoint / "config_sentence_transformers.json").read_text())
     assert settings["similarity_fn_name"] == "cosine"
     # The release's named prompts, and `query` (what encode_query uses) because the checkpoint has a query prompt;
     # no `document`: it has none.
     assert settings["prompts"] == {**model.config.prompts, "query": QUERY_PROMPT}
     assert settings["prompts"]["caption"] == "Find me an everyday image that matches the given caption: {text}\n"
-    assert (moca_checkpoint / "sentence_transformers_moca.py").is_file()
+    assert "{text}" in (moca_checkpoint / "chat_template.jinja").read_text()
 
 
 def test_round_trip_in_fresh_processes_equals_moca_encode(moca_checkpoint, tiny_moca, tmp_path):

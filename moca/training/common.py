@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Sampler
-from transformers import AutoConfig, HfArgumentParser, Trainer, TrainingArguments, set_seed
+from transformers import HfArgumentParser, PreTrainedConfig, Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, seed_worker
 
+from ..configuration_moca import MoCaConfig, nested_config_dict
 from ..model_card import write_model_card
 from ..modeling_moca import DTYPES
 from ..processing_moca import MAX_ASPECT_RATIO, count_image_placeholders
@@ -91,7 +92,8 @@ def torch_dtype(name: str | None) -> torch.dtype | None:
 
 def is_moca_checkpoint(name_or_path: str) -> bool:
     """A MoCa checkpoint (continue from it) rather than a causal VLM (build MoCa from it)?"""
-    return AutoConfig.from_pretrained(name_or_path, trust_remote_code=False).model_type == "moca"
+    config_dict, _ = PreTrainedConfig.get_config_dict(name_or_path)
+    return nested_config_dict(config_dict).get("model_type") == MoCaConfig.model_type
 
 
 def hub_id(name_or_path: str | None) -> str | None:

@@ -150,7 +150,7 @@ class MoCaForContinualPretraining(MoCaPreTrainedModel):
 
     @property
     def text_model(self) -> nn.Module:
-        return self.moca.vlm.language_model
+        return self.moca.model.language_model
 
     @property
     def processor(self) -> MoCaProcessor | None:

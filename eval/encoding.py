@@ -96,16 +96,16 @@ def load_model(
     from transformers import PretrainedConfig
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
+    from moca.configuration_moca import is_moca_config_dict
     from moca.modeling_moca import MoCaModel
 
     check_model_path(name_or_path, "--model_name_or_path")
     # The config as plain JSON: reading the model type needs no code, remote or ours.
     config = PretrainedConfig.get_config_dict(name_or_path, revision=revision)[0]
-    model_type = config.get("model_type")
-    if model_type != "moca":
+    if not is_moca_config_dict(config):
         raise ValueError(
-            f"{name_or_path} is a {model_type!r} checkpoint, not a MoCa one (model_type 'moca'). Checkpoints of the "
-            "original MoCa release convert with scripts/convert_original_checkpoint.py."
+            f"{name_or_path} is a {config.get('model_type')!r} checkpoint, not a MoCa one (its config.json has no "
+            "'moca' settings). Checkpoints of the original MoCa release convert with scripts/convert_original_checkpoint.py."
         )
     device = torch.device(device) if device is not None else PartialState().device
     if dtype is None:

@@ -2,6 +2,7 @@
 
     python -m moca embed --model_name_or_path CHECKPOINT --dataset FOLDER_OR_DATASET --output index.safetensors
     python -m moca search --index index.safetensors --query "a red circle" --top_k 5
+    python -m moca export OLD_CHECKPOINT NEW_CHECKPOINT   # an earlier version's checkpoint in the stock layout
 
 The flags are named as in the training scripts and the evaluations (`--model` and `--input` are aliases).
 
@@ -540,6 +541,20 @@ def print_results(index_path: str, results: list[tuple[float, int]]) -> None:
         print(f"{rank:>3}  {score:.4f}  {index.ids[item]}  {shown}")
 
 
+def export(checkpoint: str, output: str) -> None:
+    """A MoCa checkpoint written again by this version: the stock layout (`MoCaConfig.to_stock_dict`), its weights
+    unchanged (in their stored dtype), the processor, the sentence-transformers files, remote code and card."""
+    out = Path(output)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{output} exists and is not empty: pick a new folder.")
+    from .modeling_moca import MoCaModel
+
+    model = MoCaModel.from_pretrained(checkpoint, dtype="auto")
+    if model.processor is None:
+        raise ValueError(f"{checkpoint} has no processor files: a checkpoint without them cannot be served.")
+    model.save_pretrained(out)
+
+
 # ---------------------------------------------------------------------------------------------- command line
 
 
@@ -584,6 +599,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                               help="Named prompt of the checkpoint for the items (default: its document prompt).")
     search_parser.add_argument("--prompt_name", default=None,
                                help="Named prompt of the checkpoint for the query, e.g. caption (default: its query prompt).")
+    export_parser = commands.add_parser(
+        "export", help="Write a checkpoint (of any earlier version) again, in the stock layout that transformers, "
+                       "sentence-transformers and vLLM read.",
+    )  # fmt: skip
+    export_parser.add_argument("checkpoint", help="MoCa checkpoint: a folder or a Hub name.")
+    export_parser.add_argument("output", help="Folder to write (must not exist, or be empty).")
     for command_parser in (embed_parser, search_parser):
         command_parser.add_argument("--min_image_tokens", type=int, default=None,
                                     help="Fewest visual tokens per image (default: the checkpoint's bound).")
@@ -625,6 +646,9 @@ def run(args: argparse.Namespace) -> None:
             f"{len(index.ids)} items, {index.embeddings.shape[1]} dimensions -> {args.output} "
             f"({len(index.skipped)} skipped as unreadable, {cut})"
         )
+    elif args.command == "export":
+        export(args.checkpoint, args.output)
+        print(f"{args.checkpoint} -> {args.output}")
     else:
         results = search(
             args.index, query=args.query, query_image=args.query_image, model_path=args.model_name_or_path,

@@ -158,6 +158,11 @@ class MoCaConfig(PreTrainedConfig):
         return self.vlm_config.video_token_id
 
 
+def is_moca_config_dict(config_dict: dict) -> bool:
+    """A `config.json` (as a dict) of a MoCa checkpoint, of this layout or the earlier one?"""
+    return isinstance(config_dict.get(MOCA_KEY), dict) or config_dict.get("model_type") == MoCaConfig.model_type
+
+
 def nested_config_dict(config_dict: dict) -> dict:
     """A MoCa `config.json` in the stock layout -> `MoCaConfig`'s arguments; any other dict as it is."""
     if not isinstance(config_dict.get(MOCA_KEY), dict):

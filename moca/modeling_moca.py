@@ -34,10 +34,15 @@ PROCESSOR_FILES = {
     "image processor": ("processor_config.json", "preprocessor_config.json"),
     "tokenizer": ("tokenizer_config.json",),
 }
-# Weights are saved under the backbone's stock key names, those of the Qwen-VL checkpoints on the Hub (and of the
-# original MoCa release): the language model under `model.`, the vision tower under `visual.`. Stock transformers,
-# sentence-transformers and vLLM load them as the backbone.
-_STOCK_KEYS = ((re.compile(r"^model\.language_model\."), "model."), (re.compile(r"^model\.visual\."), "visual."))
+# Weights are saved under the backbone's stock key names, those its own transformers class writes and its Hub
+# checkpoints have: Qwen2-VL and Qwen2.5-VL (and the original MoCa release) keep the language model under `model.`
+# and the vision tower under `visual.`; Qwen3-VL uses the module names (`model.language_model.`, `model.visual.`).
+# Stock transformers, sentence-transformers and vLLM load them as the backbone.
+_STOCK_KEYS = {
+    "qwen2_vl": ((re.compile(r"^model\.language_model\."), "model."), (re.compile(r"^model\.visual\."), "visual.")),
+    "qwen3_vl": (),
+}
+_STOCK_KEYS["qwen2_5_vl"] = _STOCK_KEYS["qwen2_vl"]
 # ... and mapped back on loading, as are the `vlm.*` keys of checkpoints written by earlier versions of this package.
 LOAD_KEY_MAPPING = {
     r"^vlm\.": "model.",
@@ -237,13 +242,13 @@ class MoCaModel(MoCaPreTrainedModel):
         return loaded
 
     def save_pretrained(self, save_directory, *args, state_dict=None, **kwargs):
-        """The checkpoint in the backbone's stock layout (see `MoCaConfig.to_stock_dict`, `_STOCK_KEYS`), with its
+        """The checkpoint in the backbone's stock layout (`MoCaConfig.to_stock_dict`, `_STOCK_KEYS`), with its
         processor, remote code, sentence-transformers files and model card. `state_dict` (what a sharded run
         gathers) replaces the module's own."""
         state_dict = self.state_dict() if state_dict is None else state_dict
         stock = {}
         for name, tensor in state_dict.items():
-            for pattern, prefix in _STOCK_KEYS:
+            for pattern, prefix in _STOCK_KEYS[self.config.vlm_config.model_type]:
                 name = pattern.sub(prefix, name)
             stock[name] = tensor
         # The names are final: transformers must not revert the renaming it did on loading.

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Sampler
 from transformers import HfArgumentParser, PreTrainedConfig, Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, seed_worker
 
-from ..configuration_moca import MoCaConfig, nested_config_dict
+from ..configuration_moca import is_moca_config_dict
 from ..model_card import write_model_card
 from ..modeling_moca import DTYPES
 from ..processing_moca import MAX_ASPECT_RATIO, count_image_placeholders
@@ -92,8 +92,7 @@ def torch_dtype(name: str | None) -> torch.dtype | None:
 
 def is_moca_checkpoint(name_or_path: str) -> bool:
     """A MoCa checkpoint (continue from it) rather than a causal VLM (build MoCa from it)?"""
-    config_dict, _ = PreTrainedConfig.get_config_dict(name_or_path)
-    return nested_config_dict(config_dict).get("model_type") == MoCaConfig.model_type
+    return is_moca_config_dict(PreTrainedConfig.get_config_dict(name_or_path)[0])
 
 
 def hub_id(name_or_path: str | None) -> str | None:

@@ -1,10 +1,13 @@
 """A MoCa checkpoint as an `mteb` encoder, so that mteb runs ViDoRe, MIEB and text tasks with it.
 
     import mteb
-    from eval.mteb_moca import MoCaMTEBEncoder
+    from eval.mteb_moca import register_moca_model
 
-    model = MoCaMTEBEncoder("path/or/hub-name")        # or MoCaMTEBEncoder(name, model=already_loaded_model)
+    register_moca_model("path/or/hub-name")   # a ModelMeta with MoCa's loader, in mteb's model registry
+    model = mteb.get_model("path/or/hub-name")
     mteb.evaluate(model, mteb.get_tasks(tasks=["Vidore2ESGReportsRetrieval"]))
+
+(or `MoCaMTEBEncoder(name, model=already_loaded_model)`).
 
 Prompts follow the input's modality, as mteb's own MoCa wrapper and the release do (not the task's instruction):
 text alone is encoded raw; an image with text gets `image_question` ("Represent the given image with the following
@@ -39,27 +42,54 @@ def batch_to_inputs(batch: dict[str, list]) -> list[dict]:
     return inputs
 
 
-def moca_model_meta(name: str, model, revision: str | None = None) -> ModelMeta:
-    return ModelMeta(
-        loader=MoCaMTEBEncoder,
-        name=name,
-        revision=revision,
-        release_date=None,
-        languages=None,
-        n_parameters=sum(parameter.numel() for parameter in model.parameters()),
-        memory_usage_mb=None,
-        max_tokens=None,
-        embed_dim=model.config.hidden_size,
-        license=None,
-        open_weights=True,
-        public_training_code=None,
-        public_training_data=None,
-        framework=["PyTorch", "Transformers"],
-        similarity_fn_name=ScoringFunction.COSINE,
-        use_instructions=True,
-        training_datasets=None,
-        modalities=["image", "text"],
-    )
+def moca_model_meta(name: str, revision: str | None = None, config: dict | None = None, **fields: Any) -> ModelMeta:
+    """mteb's metadata of a MoCa checkpoint, read from its `config.json` (`config`: that file's content, else read
+    from `name`; no weights loaded), with MoCa's loader.
+
+    `fields` fill or override ModelMeta's (`release_date`, `license`, `languages`, `training_datasets`, ...)."""
+    from transformers import PretrainedConfig
+
+    from moca.configuration_moca import is_moca_config_dict, nested_config_dict
+
+    if config is None:
+        config = PretrainedConfig.get_config_dict(name, revision=revision)[0]
+    if not is_moca_config_dict(config):
+        raise ValueError(f"{name} is not a MoCa checkpoint (its config.json has no 'moca' settings).")
+    backbone = nested_config_dict(config)["vlm_config"]
+    text_config = backbone.get("text_config") or backbone
+    meta = {
+        "loader": MoCaMTEBEncoder,
+        "name": name,
+        "revision": revision,
+        "release_date": None,
+        "languages": None,
+        "n_parameters": None,
+        "memory_usage_mb": None,
+        "max_tokens": text_config.get("max_position_embeddings"),
+        "embed_dim": text_config["hidden_size"],
+        "license": None,
+        "open_weights": True,
+        "public_training_code": None,
+        "public_training_data": None,
+        "framework": ["PyTorch", "Transformers", "safetensors"],
+        "similarity_fn_name": ScoringFunction.COSINE,
+        "use_instructions": True,
+        "training_datasets": None,
+        "modalities": ["image", "text"],
+        "model_type": ["dense"],
+    }
+    return ModelMeta(**{**meta, **fields})
+
+
+def register_moca_model(name: str, revision: str | None = None, **fields: Any) -> ModelMeta:
+    """Put a MoCa checkpoint into mteb's model registry, so that `mteb.get_model(name)` loads it with MoCa's
+    encoder (task-type prompts: `MoCaMTEBEncoder.prompt_names`). mteb has no public registration call; its
+    registry is the dict of the ModelMeta objects it ships, which `get_model_meta` reads."""
+    from mteb.models.model_implementations import MODEL_REGISTRY
+
+    meta = moca_model_meta(name, revision, **fields)
+    MODEL_REGISTRY[name] = meta
+    return meta
 
 
 class MoCaMTEBEncoder(AbsEncoder):
@@ -78,7 +108,10 @@ class MoCaMTEBEncoder(AbsEncoder):
         self.model = (
             model if model is not None else load_model(model_name, dtype=dtype, device=device, revision=revision)
         )
-        self.mteb_model_meta = moca_model_meta(model_name, self.model, revision)
+        self.mteb_model_meta = moca_model_meta(
+            model_name, revision, config=self.model.config.to_stock_dict(),
+            n_parameters=sum(parameter.numel() for parameter in self.model.parameters()),
+        )  # fmt: skip
 
     def prompt_names(self, task_metadata) -> dict[str, str | None]:
         """The prompt name for each modality of an input of this task."""

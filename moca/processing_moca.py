@@ -333,6 +333,18 @@ class MoCaProcessor(ProcessorMixin):
         """`load_image`, decoding an image far larger than this processor's resolution already shrunk (bounded memory)."""
         return load_image(image, resized_size=self.resized_size)
 
+    def placed_text(self, text: str, n_images: int) -> str:
+        """`text` (a `parse_inputs` item's) with each image spelled as the backbone's vision tokens
+        (`<|vision_start|><|image_pad|><|vision_end|>`, images first where it has no placeholder): the raw prompt a
+        serving engine takes, whose own processor expands each `<|image_pad|>` to the image's tokens. Control tokens
+        written in the text stay in it as written (this processor reads them as plain text; an engine may not)."""
+        if count_image_placeholders(text) == 0:
+            text = IMAGE_PLACEHOLDER * n_images + text
+        if count_image_placeholders(text) != n_images:
+            raise ValueError(f"the text has {count_image_placeholders(text)} image placeholder(s) but {n_images} image(s).")
+        vision = self.vision_start_token + self.image_token + self.vision_end_token
+        return _PLACEHOLDER_PATTERN.sub(vision, text)
+
     def num_image_tokens(self, image_grid_thw: torch.Tensor) -> list[int]:
         return (image_grid_thw.prod(-1) // self.merge_size**2).tolist()
 

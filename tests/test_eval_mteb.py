@@ -147,3 +147,22 @@ def test_the_encoder_loads_a_checkpoint_by_name(tiny_moca, tmp_path):
     torch.testing.assert_close(
         encoder.model.encode_documents(PAGES), tiny_moca[0].encode_documents(PAGES), atol=1e-5, rtol=0
     )
+
+
+@pytest.mark.torchvision  # mteb's loader checks its "image" extra, which needs torchvision
+def test_registered_checkpoint_loads_through_mteb_get_model(tiny_moca, tmp_path):
+    from eval.mteb_moca import register_moca_model
+
+    model = tiny_moca[0]
+    model.save_pretrained(tmp_path / "ckpt")
+    name = str(tmp_path / "ckpt")
+    meta = register_moca_model(name, license="mit")
+    assert mteb.get_model_meta(name) is meta and meta.embed_dim == model.config.hidden_size and meta.license == "mit"
+    loaded = mteb.get_model(name, dtype="float32")
+    assert isinstance(loaded, MoCaMTEBEncoder) and loaded.model.config.prompts == model.config.prompts
+    scores = mteb.evaluate(loaded, TinyDocumentRetrieval(), cache=None, show_progress_bar=False).task_results[0]
+    direct = mteb.evaluate(MoCaMTEBEncoder("local/tiny-moca", model=model), TinyDocumentRetrieval(), cache=None,
+                           show_progress_bar=False).task_results[0]  # fmt: skip
+    assert scores.scores["test"][0]["ndcg_at_5"] == pytest.approx(direct.scores["test"][0]["ndcg_at_5"], abs=1e-5)
+    with pytest.raises(ValueError, match="not a MoCa checkpoint"):
+        register_moca_model(str(tmp_path / "ckpt" / "1_Pooling"))

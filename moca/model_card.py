@@ -11,6 +11,8 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .configuration_moca import nested_config_dict
+
 
 MMEB_DATASET = "TIGER-Lab/MMEB-eval"
 CARD_TAGS = [
@@ -113,8 +115,9 @@ def write_model_card(
 
 
 def _config_dict(model_or_dir) -> dict:
+    """The config as `MoCaConfig`'s nested dict (`vlm_config` holds the backbone), of either checkpoint layout."""
     if isinstance(model_or_dir, (str, Path)):
-        return json.loads((Path(model_or_dir) / "config.json").read_text())
+        return nested_config_dict(json.loads((Path(model_or_dir) / "config.json").read_text()))
     config = model_or_dir.config.to_dict()
     config["vlm_config"]["_name_or_path"] = model_or_dir.config.vlm_config._name_or_path
     return config

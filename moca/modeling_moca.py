@@ -49,6 +49,16 @@ LOAD_KEY_MAPPING = {
     r"^visual\.": "model.visual.",
     r"^model\.(?!language_model\.|visual\.)": "model.language_model.",
 }
+_LOAD_PATTERNS = [(re.compile(pattern), target) for pattern, target in LOAD_KEY_MAPPING.items()]
+
+
+def module_key(name: str) -> str:
+    """A stored weight name -> the name of the parameter of `MoCaModel` it holds (module names stay as they are)."""
+    for pattern, target in _LOAD_PATTERNS:
+        name = pattern.sub(target, name)
+    return name
+
+
 # The stock sentence-transformers modules every checkpoint lists (Transformer -> mean Pooling -> Normalize), so
 # `SentenceTransformer(dir)` needs no remote code; vLLM reads its pooling and normalisation from the same files.
 ST_TRANSFORMER = "sentence_transformers.base.modules.transformer.Transformer"
@@ -118,6 +128,11 @@ class MoCaModel(MoCaPreTrainedModel):
         self.model = vlm if vlm is not None else AutoModel.from_config(config.vlm_config)
         self.processor: MoCaProcessor | None = None
         self.post_init()
+
+    def load_state_dict(self, state_dict, *args, **kwargs):
+        """Also takes a saved checkpoint's tensors as they are stored (stock key names, or an earlier version's
+        `vlm.*`): the Trainer reads `model.safetensors` itself when it resumes."""
+        return super().load_state_dict({module_key(name): tensor for name, tensor in state_dict.items()}, *args, **kwargs)
 
     def get_input_embeddings(self):
         return self.model.get_input_embeddings()

@@ -289,7 +289,7 @@ class MoCaModel(MoCaPreTrainedModel):
         interleaved inputs, place them with `<image>` in the text). `prompt` is a format string with
         `{text}` (or a prefix); `prompt_name` picks one of `config.prompts` instead (the release's
         `image_question`, `caption`, `image`, `document_page`, `text`, and what training recorded). Inputs are sorted
-        by cost so that batches need little padding; the result keeps the input order. `truncate_dim` (1 to the
+        by their token counts (`MoCaProcessor.token_counts`) so that batches need little padding; the result keeps the input order. `truncate_dim` (1 to the
         hidden size) keeps the first dimensions, renormalised.
 
         A bad input raises an `InputError` (a `ValueError`) naming its index in `inputs` (`MoCaProcessor.parse_inputs`
@@ -306,8 +306,10 @@ class MoCaModel(MoCaPreTrainedModel):
         items = processor.parse_inputs(inputs, self.resolve_prompt(prompt, prompt_name), image_prompt=self.config.image_prompt)
         if not items:
             return torch.empty(0, truncate_dim or dim)
-        costs = [len(text) / 4 + sum(processor.image_cost(image) for image in images) for text, images in items]
-        order = sorted(range(len(items)), key=lambda i: -costs[i])
+        # Longest first by the tokens the processor will make (text and visual alike): neighbours in this order
+        # pad each other little. A stable sort, so equal lengths keep their input order.
+        lengths = processor.token_counts(items)
+        order = sorted(range(len(items)), key=lambda i: -lengths[i])
 
         device = next(self.parameters()).device
         was_training = self.training

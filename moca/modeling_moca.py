@@ -9,6 +9,7 @@ import json
 import logging
 import shutil
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -312,17 +313,27 @@ class MoCaModel(MoCaPreTrainedModel):
         order = sorted(range(len(items)), key=lambda i: -lengths[i])
 
         device = next(self.parameters()).device
+        batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+        def prepare(batch_ids):
+            return processor.batch([items[i] for i in batch_ids], max_length, indices=batch_ids)
+
         was_training = self.training
         self.eval()
         chunks = []
+        # One thread decodes and preprocesses the next batch while the model runs this one (PIL, numpy, the
+        # tokenizer and torch release the GIL); a bad input's error comes out of `result()` as it was raised.
         try:
-            for start in _progress(range(0, len(order), batch_size), show_progress_bar, len(order) > batch_size):
-                batch_ids = order[start : start + batch_size]
-                batch = processor.batch([items[i] for i in batch_ids], max_length, indices=batch_ids)
-                chunk = self(**batch.to(device)).embeddings.float().cpu()
-                if not chunk.isfinite().all():
-                    raise InputError(batch_ids[0], f"the embeddings of its batch ({len(batch_ids)} inputs) are {NON_FINITE_EMBEDDINGS}")
-                chunks.append(chunk)
+            with ThreadPoolExecutor(max_workers=1) as prefetcher:
+                upcoming = prefetcher.submit(prepare, batches[0])
+                for number in _progress(range(len(batches)), show_progress_bar, len(batches) > 1):
+                    batch = upcoming.result()
+                    if number + 1 < len(batches):
+                        upcoming = prefetcher.submit(prepare, batches[number + 1])
+                    chunk = self(**batch.to(device)).embeddings.float().cpu()
+                    if not chunk.isfinite().all():
+                        raise InputError(batches[number][0], f"the embeddings of its batch ({len(batches[number])} inputs) are {NON_FINITE_EMBEDDINGS}")
+                    chunks.append(chunk)
         finally:
             self.train(was_training)
 

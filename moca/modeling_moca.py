@@ -290,8 +290,9 @@ class MoCaModel(MoCaPreTrainedModel):
         interleaved inputs, place them with `<image>` in the text). `prompt` is a format string with
         `{text}` (or a prefix); `prompt_name` picks one of `config.prompts` instead (the release's
         `image_question`, `caption`, `image`, `document_page`, `text`, and what training recorded). Inputs are sorted
-        by their token counts (`MoCaProcessor.token_counts`) so that batches need little padding; the result keeps the input order. `truncate_dim` (1 to the
-        hidden size) keeps the first dimensions, renormalised.
+        by their token counts (`MoCaProcessor.token_counts`) so that batches need little padding, and the next
+        batch is prepared while the model runs; the result keeps the input order. `truncate_dim` (1 to the hidden
+        size) keeps the first dimensions, renormalised.
 
         A bad input raises an `InputError` (a `ValueError`) naming its index in `inputs` (`MoCaProcessor.parse_inputs`
         and `MoCaProcessor` say which inputs are bad). A batch whose embeddings are not finite raises one naming
@@ -332,7 +333,8 @@ class MoCaModel(MoCaPreTrainedModel):
                         upcoming = prefetcher.submit(prepare, batches[number + 1])
                     chunk = self(**batch.to(device)).embeddings.float().cpu()
                     if not chunk.isfinite().all():
-                        raise InputError(batches[number][0], f"the embeddings of its batch ({len(batches[number])} inputs) are {NON_FINITE_EMBEDDINGS}")
+                        raise InputError(batches[number][0], f"the embeddings of its batch ({len(batches[number])} "
+                                                             f"inputs) are {NON_FINITE_EMBEDDINGS}")  # fmt: skip
                     chunks.append(chunk)
         finally:
             self.train(was_training)

@@ -180,3 +180,21 @@ def test_fused_loss_with_a_head_tied_to_the_input_embeddings():
         grads.append(w.grad)
     assert grads[1].abs().max() > 1e-3
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5 * grads[1].abs().max().item())
+
+
+def test_fused_loss_under_autocast_keeps_float32_gradients():
+    # Mixed precision (`--bf16` with float32 weights): logits in bf16 as autocast makes them, the gradient
+    # products in the weights' float32, gradients of the weights' dtype; close to autograd's under autocast.
+    hidden, weight, labels = _mlm_inputs()
+    grads = []
+    for loss_fn in (lambda h, l, w: masked_lm_loss(h, l, w, chunk_size=4), naive_mlm_loss):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = loss_fn(h, labels, w)
+        loss.backward()
+        grads.append((loss.detach(), h.grad, w.grad))
+    (loss, grad_h, grad_w), (naive, naive_h, naive_w) = grads
+    assert grad_h.dtype == grad_w.dtype == torch.float32
+    torch.testing.assert_close(loss, naive, rtol=1e-6, atol=0)  # the same bf16 logits, the same float32 softmax
+    for fused, reference in ((grad_h, naive_h), (grad_w, naive_w)):
+        assert (fused - reference).abs().max() < 2e-2 * reference.abs().max()

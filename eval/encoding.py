@@ -14,7 +14,7 @@ from accelerate.utils import gather, parse_flag_from_env
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from moca.cli import DEFAULT_MAX_LENGTH, check_model_path, set_image_tokens
+from moca.cli import DEFAULT_MAX_LENGTH, check_model_path, resolve_dtype, set_image_tokens
 from moca.fingerprint import file_stamp, model_fingerprint  # noqa: F401 (eval's names for them)
 from moca.modeling_moca import DTYPES
 
@@ -46,9 +46,9 @@ class EvalArguments:
         default=None, metadata={"help": "Most visual tokens per image (default: the checkpoint's bound)."}
     )
     dtype: str | None = field(
-        default=None,
-        metadata={"help": f"Weights dtype ({', '.join(DTYPES)}); bfloat16 on an accelerator and float32 on CPU "
-                          "when not given."},
+        default="auto",
+        metadata={"help": f"Weights dtype: auto (default: bfloat16 where the device computes it natively, GPUs and "
+                          f"CPUs with AMX/AVX-512-BF16; float32 elsewhere) or one of {', '.join(DTYPES)}."},
     )
     trust_remote_code: bool = field(
         default=False,
@@ -88,8 +88,9 @@ def load_model(
     """Load a MoCa checkpoint (local folder or Hub name, at `revision`) in eval mode.
 
     The installed package's `MoCaModel` loads it unless `trust_remote_code`, which runs the checkpoint's own
-    Python files instead (code from the checkpoint's author). `dtype` defaults to bfloat16 on an accelerator and
-    float32 on CPU; `device` to this process's device (one accelerator per process under `accelerate launch`).
+    Python files instead (code from the checkpoint's author). `dtype`: "auto" (and None) is bfloat16 where the
+    device computes it natively, float32 elsewhere (`moca.cli.resolve_dtype`); `device` to this process's device
+    (one accelerator per process under `accelerate launch`).
     `image_tokens` overrides the (fewest, most) visual tokens per image the checkpoint's processor stores (`None`
     keeps a bound).
     """
@@ -108,10 +109,7 @@ def load_model(
             "'moca' settings). Checkpoints of the original MoCa release convert with scripts/convert_original_checkpoint.py."
         )
     device = torch.device(device) if device is not None else PartialState().device
-    if dtype is None:
-        dtype = "float32" if device.type == "cpu" else "bfloat16"
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}: use one of {sorted(DTYPES)}")
+    dtype = resolve_dtype(dtype, device, name_or_path)
     if trust_remote_code:
         # Not `AutoModel(trust_remote_code=True)`: with this package imported, AutoModel picks the installed class.
         class_ref = config.get("auto_map", {}).get("AutoModel")

@@ -3,6 +3,8 @@
     python -m moca embed --model_name_or_path CHECKPOINT --dataset FOLDER_OR_DATASET --output index.safetensors
     python -m moca search --index index.safetensors --query "a red circle" --top_k 5
     python -m moca export OLD_CHECKPOINT NEW_CHECKPOINT   # an earlier version's checkpoint in the stock layout
+    torchrun --nproc_per_node 8 -m moca embed ...            # one process per GPU, one index
+    python -m moca embed ... --shard 0/4 --output part-0.safetensors; python -m moca merge-index part-*.safetensors --output index.safetensors
 
 The flags are named as in the training scripts and the evaluations (`--model` and `--input` are aliases).
 
@@ -14,6 +16,7 @@ keeps a second run off the same output. Unreadable files are skipped and counted
 """
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -30,7 +33,7 @@ from safetensors.torch import safe_open, save_file
 from .data import absolute_image_paths, is_saved_dataset, load_source
 from .fingerprint import file_stamp, model_fingerprint
 from .modeling_moca import DTYPES
-from .processing_moca import IMAGE_EXTENSIONS, IMAGE_PLACEHOLDER, load_image, parse_input
+from .processing_moca import IMAGE_EXTENSIONS, load_image, parse_input
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +56,7 @@ class Index:
     dtype: str | None = None
     skipped: list[str] = field(default_factory=list)  # "id: why" of each item that could not be read
     truncated: int = 0  # items longer than max_length tokens, embedded cut
+    shard: list[int] | None = None  # [i, N] for shard i of N (`embed --shard i/N`), None for all the items
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -71,26 +75,13 @@ def check_model_path(name_or_path: str, flag: str) -> None:
         raise ValueError(f"{flag} {name_or_path}: no such folder, and not a Hub model id (owner/name).") from None
 
 
-def token_lengths(processor, items: list[tuple[str, list]]) -> list[int]:
-    """Tokens of `parse_inputs` items, from the text's tokens and the image headers (no pixels decoded)."""
-    vision = processor.vision_start_token + processor.vision_end_token
-    backbone_marker = processor.vision_start_token + processor.image_token + processor.vision_end_token
-    texts = []
-    for text, images in items:
-        # Each image becomes start + visual tokens + end; `image_cost` counts the visual tokens.
-        text = text.replace(backbone_marker, vision).replace(IMAGE_PLACEHOLDER, vision)
-        texts.append(text if vision in text or not images else vision * len(images) + text)
-    encoded = processor.tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else []
-    return [len(ids) + sum(int(processor.image_cost(image)) for image in images) for ids, (_, images) in zip(encoded, items)]
-
-
 def count_truncated(model, inputs, max_length: int | None, prompt: str | None = None) -> int:
     """How many of `inputs` (as `encode` takes them, with `prompt`) are longer than `max_length` tokens."""
     processor = getattr(model, "processor", None)
     if max_length is None or processor is None or not inputs:
         return 0
     items = processor.parse_inputs(inputs, prompt, image_prompt=model.config.image_prompt)
-    return sum(length > max_length for length in token_lengths(processor, items))
+    return sum(length > max_length for length in processor.token_counts(items))
 
 
 class OutputLock:
@@ -288,6 +279,89 @@ def _encode_chunk(model, ids: list[str], inputs: list, strict: bool, **encode_kw
     return (torch.cat(embeddings) if embeddings else torch.empty(0, dim)), kept, skipped
 
 
+def bfloat16_is_native(device: torch.device) -> bool:
+    """Whether `device` computes bfloat16 in hardware: a CUDA GPU that supports it, or a CPU with AMX or
+    AVX-512-BF16 (torch's own probes). Elsewhere bf16 products are emulated and slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    return False
+
+
+def resolve_dtype(dtype: str | None, device: torch.device, model_path: str | None = None) -> str:
+    """The weight dtype a command runs in: `dtype` itself, or for "auto" (and None) bfloat16 where `device`
+    computes it natively (on this CPU family: 1.82x float32, cosine >= 0.9999 to it, bench/RESULTS.md), a
+    float16 checkpoint's own dtype on a GPU without bf16, and float32 otherwise."""
+    if dtype not in (None, "auto"):
+        if dtype not in DTYPES:
+            raise ValueError(f"--dtype {dtype!r}: use auto or one of {', '.join(DTYPES)}.")
+        return dtype
+    if bfloat16_is_native(device):
+        return "bfloat16"
+    if device.type == "cuda" and model_path is not None and checkpoint_dtype(model_path) == "float16":
+        return "float16"
+    return "float32"
+
+
+def checkpoint_dtype(model_path: str) -> str | None:
+    """The dtype a checkpoint's config says its weights are stored in (None when it says none)."""
+    from transformers import PretrainedConfig
+
+    config = PretrainedConfig.get_config_dict(model_path)[0]
+    return config.get("dtype") or config.get("torch_dtype")
+
+
+def resolve_device(device: str | None = None) -> torch.device:
+    """`device` (`cpu`, `cuda`, `cuda:1`, ...), or for "auto" (and None) this process's GPU when there is one:
+    `cuda:LOCAL_RANK` under torchrun / accelerate launch, one GPU per process."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device in (None, "auto"):
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r}: not a device (auto, cpu, cuda, cuda:1, ...).") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: this machine has no CUDA GPU (torch sees none).")
+        if resolved.index is None:
+            resolved = torch.device("cuda", local_rank)
+    return resolved
+
+
+def parse_shard(shard: str | None) -> tuple[int, int]:
+    """`"i/N"` (shard i of N, counted from 0) as (i, N); None: the whole input, (0, 1)."""
+    if shard is None:
+        return 0, 1
+    try:
+        number, count = (int(part) for part in shard.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard {shard!r}: expected i/N, e.g. 0/4 for the first of 4 shards.") from None
+    if not 0 <= number < count:
+        raise ValueError(f"--shard {shard}: i must be in 0..N-1 (shards are counted from 0).")
+    return number, count
+
+
+def join_processes(device: torch.device) -> tuple[int, int]:
+    """(rank, world size) of this process in a torchrun / accelerate launch job, joined over NCCL on GPUs and
+    gloo on CPU; (0, 1) when it runs alone."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _barrier(world_size: int) -> None:
+    if world_size > 1:
+        torch.distributed.barrier()
+
+
 def embed(
     model_path: str,
     input_path: str,
@@ -298,17 +372,26 @@ def embed(
     text_column: str | None = None,
     image_column: str | None = None,
     id_column: str | None = None,
-    dtype: str | None = None,
+    dtype: str | None = "auto",
     max_length: int | None = DEFAULT_MAX_LENGTH,
     show_progress_bar: bool = True,
     image_tokens: tuple[int | None, int | None] = (None, None),
     prompt_name: str | None = None,
     strict: bool = False,
-) -> Index:
+    device: str | None = None,
+    shard: str | None = None,
+) -> Index | None:
     """Embed every item of a folder or dataset as a document and write the index to `output`.
 
     Items whose text file or image cannot be read are skipped, named in a warning and in `Index.skipped`
     (`strict`: the first raises). Items longer than `max_length` tokens (None: no cut) are cut and counted.
+    `dtype`: "auto" (see `resolve_dtype`) or a name of `DTYPES`; `device`: see `resolve_device`.
+
+    `shard="i/N"` embeds only the i-th of N contiguous ranges of the items (for one node of a cluster;
+    `merge_indexes` joins the N indexes into the one a single run writes). Under torchrun / accelerate launch,
+    each process takes every world-size-th chunk of `chunk_size` items on its own device, all write their chunks
+    into `OUTPUT.partial/`, and rank 0 writes the index (and returns it; the other ranks return None). The
+    chunks are the same whatever the number of processes, so the index is the one a single process writes.
     """
     from tqdm.auto import tqdm
 
@@ -319,62 +402,84 @@ def embed(
         raise ValueError(f"--output must end with {' or '.join(INDEX_FORMATS)}, got {output.name!r}.")
     if max_length is not None and max_length < 1:
         raise ValueError(f"--max_length must be positive (0 on the command line: no cut), got {max_length}.")
+    if chunk_size < 1:
+        raise ValueError(f"--chunk_size must be positive, got {chunk_size}.")
+    shard_number, shard_count = parse_shard(shard)
+    device = resolve_device(device)
     check_model_path(model_path, "--model_name_or_path")
-    with OutputLock(output):
+    dtype = resolve_dtype(dtype, device, model_path)
+    rank, world_size = join_processes(device)
+    # One writer owns the output: rank 0 holds the lock, the others only write their chunks.
+    with OutputLock(output) if rank == 0 else contextlib.nullcontext():
         if Path(input_path).is_dir() and not is_saved_dataset(Path(input_path)):
             ids, inputs, texts, images, skipped = folder_items(Path(input_path), strict)
         else:
             ids, inputs, texts, images = dataset_items(input_path, split, text_column, image_column, id_column)
             skipped = []
-        model = MoCaModel.from_pretrained(model_path, dtype=DTYPES[dtype] if dtype else None).eval()
+        # Files the listing could not read belong to no range of items: the first shard reports them.
+        skipped = skipped if shard_number == 0 else []
+        first, end = len(ids) * shard_number // shard_count, len(ids) * (shard_number + 1) // shard_count
+        model = MoCaModel.from_pretrained(model_path, dtype=DTYPES[dtype]).eval()
         fingerprint = model_fingerprint(model)  # of the checkpoint as stored, as `search` loads it
         set_image_tokens(model, image_tokens)
+        model.to(device)
         prompt = model.resolve_prompt(None, prompt_name) if prompt_name else model.config.document_prompt
 
         # Chunks of embeddings go to disk as they are done. A rerun resumes from them only with the same weights
         # and settings (else they are all dropped), and a chunk only if its items' ids and contents are the same.
         partial = output.with_name(output.name + ".partial")
         run_key = json.dumps([fingerprint, dtype, max_length, list(image_tokens), prompt_name, strict])
-        if partial.exists() and (
-            not (partial / "run").is_file() or (partial / "run").read_text() != run_key
-        ):
-            shutil.rmtree(partial)
-        partial.mkdir(parents=True, exist_ok=True)
-        (partial / "run").write_text(run_key)
+        if rank == 0:
+            if partial.exists() and (
+                not (partial / "run").is_file() or (partial / "run").read_text() != run_key
+            ):
+                shutil.rmtree(partial)
+            partial.mkdir(parents=True, exist_ok=True)
+            (partial / "run").write_text(run_key)
+        _barrier(world_size)
 
-        chunks, kept, truncated = [], [], 0
+        starts = range(first, end, chunk_size)
+        mine = [start for number, start in enumerate(starts) if number % world_size == rank]
         encode_kwargs = {"batch_size": batch_size, "max_length": max_length, "prompt_name": prompt_name,
                          "show_progress_bar": False}  # fmt: skip
-        with tqdm(total=len(ids), desc="Embedding", unit="item", disable=not show_progress_bar) as progress:
-            for start in range(0, len(ids), chunk_size):
-                chunk_ids, chunk_inputs = ids[start : start + chunk_size], inputs[start : start + chunk_size]
-                key = content_key(chunk_ids, chunk_inputs)
-                chunk_file = partial / f"{start:09d}.safetensors"
-                saved = _read_chunk(chunk_file, key)
-                if saved is None:
+        with tqdm(total=sum(min(chunk_size, end - start) for start in mine), desc="Embedding", unit="item",
+                  disable=not show_progress_bar or rank != 0) as progress:  # fmt: skip
+            for start in mine:
+                chunk_ids, chunk_inputs = ids[start : min(start + chunk_size, end)], inputs[start : min(start + chunk_size, end)]
+                chunk_file, key = partial / f"{start:09d}.safetensors", content_key(chunk_ids, chunk_inputs)
+                if _read_chunk(chunk_file, key) is None:
                     embeddings, chunk_kept, chunk_skipped = _encode_chunk(
                         model, chunk_ids, chunk_inputs, strict, **encode_kwargs
                     )
                     finite = torch.isfinite(embeddings).all(dim=-1)
                     if not finite.all():  # a NaN index would be searched without complaint
-                        first = [item for item, keep in zip(chunk_ids, chunk_kept) if keep][int((~finite).nonzero()[0])]
-                        raise ValueError(f"Item {first!r}: the model gave a non-finite embedding (NaN or inf weights?).")
+                        first_bad = [item for item, keep in zip(chunk_ids, chunk_kept) if keep][int((~finite).nonzero()[0])]
+                        raise ValueError(f"Item {first_bad!r}: the model gave a non-finite embedding (NaN or inf weights?).")
                     kept_inputs = [item for item, keep in zip(chunk_inputs, chunk_kept) if keep]
-                    saved = embeddings, chunk_kept, chunk_skipped, count_truncated(model, kept_inputs, max_length, prompt)
-                    _write_chunk(chunk_file, key, *saved)
-                chunks.append(saved[0])
-                kept.extend(saved[1])
-                skipped.extend(saved[2])
-                truncated += saved[3]
+                    truncated = count_truncated(model, kept_inputs, max_length, prompt)
+                    _write_chunk(chunk_file, key, embeddings, chunk_kept, chunk_skipped, truncated)
                 progress.update(len(chunk_ids))
+        _barrier(world_size)
+        if rank != 0:
+            return None
+
+        chunks, kept, truncated = [], [], 0
+        for start in starts:  # each checked against its items above, by the process that owns it
+            saved = _read_chunk(partial / f"{start:09d}.safetensors")
+            if saved is None:
+                raise RuntimeError(f"{partial}: the chunk of items {start}.. is missing (a process of this run failed?).")
+            chunks.append(saved[0])
+            kept.extend(saved[1])
+            skipped.extend(saved[2])
+            truncated += saved[3]
 
         if not any(kept):
-            raise ValueError(f"{input_path}: none of the {len(ids) + len(skipped)} items could be read: {skipped[:3]}")
+            raise ValueError(f"{input_path}: none of the {len(kept) + len(skipped)} items could be read: {skipped[:3]}")
         model_name = str(Path(model_path).resolve()) if Path(model_path).is_dir() else model_path
-        keep = [i for i, k in enumerate(kept) if k]
+        keep = [first + i for i, k in enumerate(kept) if k]
         index = Index(
             torch.cat(chunks), [ids[i] for i in keep], [texts[i] for i in keep], [images[i] for i in keep],
-            model_name, fingerprint, dtype, skipped, truncated,
+            model_name, fingerprint, dtype, skipped, truncated, shard=None if shard is None else [shard_number, shard_count],
         )  # fmt: skip
         write_index(index, output)
         shutil.rmtree(partial)
@@ -391,13 +496,14 @@ def _write_chunk(path: Path, key: str, embeddings, kept: list[bool], skipped: li
     os.replace(tmp, path)  # a run killed while writing leaves no chunk that looks whole
 
 
-def _read_chunk(path: Path, key: str):
-    """A saved chunk (embeddings, kept, skipped, truncated) if it holds exactly these items, else None."""
+def _read_chunk(path: Path, key: str | None = None):
+    """A saved chunk (embeddings, kept, skipped, truncated) if it holds exactly the items of `key` (any items
+    when None), else None."""
     if not path.is_file():
         return None
     with safe_open(path, framework="pt") as f:
         metadata = f.metadata() or {}
-        if metadata.get("content") != key:
+        if key is not None and metadata.get("content") != key:
             return None
         return (
             f.get_tensor("embeddings"), [bool(k) for k in f.get_tensor("kept").tolist()],
@@ -410,7 +516,7 @@ def write_index(index: Index, output: Path) -> None:
     columns = {
         "ids": index.ids, "texts": index.texts, "images": index.images, "model": index.model,
         "model_fingerprint": index.model_fingerprint, "dtype": index.dtype, "skipped": index.skipped,
-        "truncated": index.truncated,
+        "truncated": index.truncated, "shard": index.shard,
     }  # fmt: skip
     if output.suffix == ".safetensors":
         save_file(
@@ -433,7 +539,7 @@ def write_index(index: Index, output: Path) -> None:
                 ),
             }
         ).replace_schema_metadata({"model": index.model, "moca_index": json.dumps(
-            {name: columns[name] for name in ("model_fingerprint", "dtype", "skipped", "truncated")}
+            {name: columns[name] for name in ("model_fingerprint", "dtype", "skipped", "truncated", "shard")}
         )})  # fmt: skip
         pq.write_table(table, tmp)
     os.replace(tmp, output)
@@ -451,7 +557,7 @@ def read_index(path: str | Path) -> Index:
         return Index(
             embeddings, columns["ids"], columns["texts"], columns["images"], columns["model"],
             columns.get("model_fingerprint", ""), columns.get("dtype"), columns.get("skipped", []),
-            columns.get("truncated", 0),
+            columns.get("truncated", 0), columns.get("shard"),
         )  # fmt: skip
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -473,8 +579,62 @@ def read_index(path: str | Path) -> Index:
             provenance.get("dtype"),
             provenance.get("skipped", []),
             provenance.get("truncated", 0),
+            provenance.get("shard"),
         )
     raise ValueError(f"{path}: an index is a {' or '.join(INDEX_FORMATS)} file.")
+
+
+def merge_indexes(paths: list[str], output: str) -> Index:
+    """One index from the shards `embed --shard i/N` wrote (in shard order, whatever order `paths` come in),
+    the same as one run over all the items would write; indexes without shard numbers join in the given order.
+
+    They must come from the same weights in the same dtype (`model_fingerprint`), and hold no id twice.
+    """
+    output = Path(output)
+    if output.suffix not in INDEX_FORMATS:
+        raise ValueError(f"--output must end with {' or '.join(INDEX_FORMATS)}, got {output.name!r}.")
+    if not paths:
+        raise ValueError("merge-index needs at least one index.")
+    indexes = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise ValueError(f"{path}: no such index file.")
+        indexes.append((path, read_index(path)))
+    first_path, first = indexes[0]
+    for path, index in indexes[1:]:
+        for what, mine, theirs in (
+            ("model fingerprint", index.model_fingerprint, first.model_fingerprint), ("dtype", index.dtype, first.dtype),
+            ("embedding size", index.embeddings.shape[1], first.embeddings.shape[1]),
+        ):  # fmt: skip
+            if mine != theirs:
+                raise ValueError(f"{path} has {what} {mine}, {first_path} {theirs}: indexes of other weights or settings "
+                                 "do not merge (their vectors live in different spaces).")  # fmt: skip
+    shards = [index.shard for _, index in indexes]
+    if any(shards):
+        if not all(shards):
+            raise ValueError(f"{[p for p, i in indexes if not i.shard]} hold no shard number, the others do: "
+                             "merge the shards of one sharded run.")  # fmt: skip
+        counts = {count for _, count in shards}
+        numbers = sorted(number for number, _ in shards)
+        if len(counts) != 1 or numbers != list(range(next(iter(counts)))):
+            found = ", ".join(f"{p}: {n}/{c}" for p, (n, c) in zip(paths, shards))
+            raise ValueError(f"the shards must be 0/N..N-1/N of one run, each once; got {found}.")
+        indexes.sort(key=lambda pair: pair[1].shard[0])
+    seen = {}
+    for path, index in indexes:
+        for item_id in index.ids:
+            if item_id in seen:
+                raise ValueError(f"item {item_id!r} is in both {seen[item_id]} and {path}: shards of one run hold "
+                                 "each item once.")  # fmt: skip
+            seen[item_id] = path
+    merged = Index(
+        torch.cat([index.embeddings for _, index in indexes]),
+        [i for _, index in indexes for i in index.ids], [t for _, index in indexes for t in index.texts],
+        [m for _, index in indexes for m in index.images], first.model, first.model_fingerprint, first.dtype,
+        [s for _, index in indexes for s in index.skipped], sum(index.truncated for _, index in indexes),
+    )  # fmt: skip
+    write_index(merged, output)
+    return merged
 
 
 # ---------------------------------------------------------------------------------------------- search
@@ -579,12 +739,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--image_column", default=None, help="Dataset image column (default: 'image' if present)."
     )
     embed_parser.add_argument("--id_column", default=None, help="Dataset id column (default: the row number).")
-    embed_parser.add_argument("--dtype", default=None, choices=list(DTYPES))
+    embed_parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                              help="Weights dtype (default auto: bfloat16 where the device computes it natively, "
+                                   "GPUs and CPUs with AMX/AVX-512-BF16; float32 elsewhere); float32 for full precision.")
+    embed_parser.add_argument("--device", default="auto",
+                              help="cpu, cuda, cuda:1, ... (default auto: this process's GPU if any, cuda:LOCAL_RANK "
+                                   "under torchrun, else the CPU).")
+    embed_parser.add_argument("--shard", default=None,
+                              help="i/N: embed only the i-th of N contiguous ranges of the items (counted from 0), "
+                                   "e.g. one per node; join the N indexes with `moca merge-index`.")
+    embed_parser.add_argument("--chunk_size", type=int, default=1024,
+                              help="Items per saved chunk: the unit of resuming and of the work of each process.")
     embed_parser.add_argument("--max_length", type=int, default=DEFAULT_MAX_LENGTH,
                               help=f"Longest input in tokens, longer ones are cut (default: {DEFAULT_MAX_LENGTH}, the "
                                    "training length); 0: no cut.")
     embed_parser.add_argument("--strict", action="store_true",
                               help="Stop at the first file that cannot be read (default: skip it with a warning).")
+
+    merge_parser = commands.add_parser("merge-index", help="Join the indexes of `embed --shard i/N` runs into one.")
+    merge_parser.add_argument("indexes", nargs="+", help="The shards' index files (any order).")
+    merge_parser.add_argument("--output", required=True, help="Merged index file: .safetensors or .parquet.")
 
     search_parser = commands.add_parser("search", help="Print the items of an index closest to a query.")
     search_parser.add_argument("--index", required=True, help="Index file written by `embed`.")
@@ -620,6 +794,9 @@ def main(argv: list[str] | None = None) -> None:
         run(args)
     except (ValueError, RuntimeError) as error:  # bad input or a busy output: one line, no traceback
         raise SystemExit(f"moca {args.command}: error: {error}") from error
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():  # joined by `embed`
+            torch.distributed.destroy_process_group()
 
 
 def run(args: argparse.Namespace) -> None:
@@ -640,15 +817,24 @@ def run(args: argparse.Namespace) -> None:
             image_tokens=(args.min_image_tokens, args.max_image_tokens),
             prompt_name=args.prompt_name,
             strict=args.strict,
+            device=args.device,
+            shard=args.shard,
+            chunk_size=args.chunk_size,
         )
+        if index is None:
+            return  # not rank 0 of a torchrun job: rank 0 writes the index and reports
         cut = f"{index.truncated} cut to --max_length {args.max_length}" if args.max_length else "none cut"
+        processes = int(os.environ.get("WORLD_SIZE", "1"))
         print(
             f"{len(index.ids)} items, {index.embeddings.shape[1]} dimensions -> {args.output} "
-            f"({len(index.skipped)} skipped as unreadable, {cut})"
+            f"({len(index.skipped)} skipped as unreadable, {cut})" + (f" on {processes} processes" if processes > 1 else "")
         )
     elif args.command == "export":
         export(args.checkpoint, args.output)
         print(f"{args.checkpoint} -> {args.output}")
+    elif args.command == "merge-index":
+        index = merge_indexes(args.indexes, args.output)
+        print(f"{len(index.ids)} items from {len(args.indexes)} indexes -> {args.output} ({len(index.skipped)} skipped)")
     else:
         results = search(
             args.index, query=args.query, query_image=args.query_image, model_path=args.model_name_or_path,

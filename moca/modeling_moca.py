@@ -10,6 +10,7 @@ import logging
 import re
 import shutil
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -335,8 +336,9 @@ class MoCaModel(MoCaPreTrainedModel):
         interleaved inputs, place them with `<image>` in the text). `prompt` is a format string with
         `{text}` (or a prefix); `prompt_name` picks one of `config.prompts` instead (the release's
         `image_question`, `caption`, `image`, `document_page`, `text`, and what training recorded). Inputs are sorted
-        by cost so that batches need little padding; the result keeps the input order. `truncate_dim` (1 to the
-        hidden size) keeps the first dimensions, renormalised.
+        by their token counts (`MoCaProcessor.token_counts`) so that batches need little padding, and the next
+        batch is prepared while the model runs; the result keeps the input order. `truncate_dim` (1 to the hidden
+        size) keeps the first dimensions, renormalised.
 
         A bad input raises an `InputError` (a `ValueError`) naming its index in `inputs` (`MoCaProcessor.parse_inputs`
         and `MoCaProcessor` say which inputs are bad). A batch whose embeddings are not finite raises one naming
@@ -352,21 +354,34 @@ class MoCaModel(MoCaPreTrainedModel):
         items = processor.parse_inputs(inputs, self.resolve_prompt(prompt, prompt_name), image_prompt=self.config.image_prompt)
         if not items:
             return torch.empty(0, truncate_dim or dim)
-        costs = [len(text) / 4 + sum(processor.image_cost(image) for image in images) for text, images in items]
-        order = sorted(range(len(items)), key=lambda i: -costs[i])
+        # Longest first by the tokens the processor will make (text and visual alike): neighbours in this order
+        # pad each other little. A stable sort, so equal lengths keep their input order.
+        lengths = processor.token_counts(items)
+        order = sorted(range(len(items)), key=lambda i: -lengths[i])
 
         device = next(self.parameters()).device
+        batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+        def prepare(batch_ids):
+            return processor.batch([items[i] for i in batch_ids], max_length, indices=batch_ids)
+
         was_training = self.training
         self.eval()
         chunks = []
+        # One thread decodes and preprocesses the next batch while the model runs this one (PIL, numpy, the
+        # tokenizer and torch release the GIL); a bad input's error comes out of `result()` as it was raised.
         try:
-            for start in _progress(range(0, len(order), batch_size), show_progress_bar, len(order) > batch_size):
-                batch_ids = order[start : start + batch_size]
-                batch = processor.batch([items[i] for i in batch_ids], max_length, indices=batch_ids)
-                chunk = self(**batch.to(device)).embeddings.float().cpu()
-                if not chunk.isfinite().all():
-                    raise InputError(batch_ids[0], f"the embeddings of its batch ({len(batch_ids)} inputs) are {NON_FINITE_EMBEDDINGS}")
-                chunks.append(chunk)
+            with ThreadPoolExecutor(max_workers=1) as prefetcher:
+                upcoming = prefetcher.submit(prepare, batches[0])
+                for number in _progress(range(len(batches)), show_progress_bar, len(batches) > 1):
+                    batch = upcoming.result()
+                    if number + 1 < len(batches):
+                        upcoming = prefetcher.submit(prepare, batches[number + 1])
+                    chunk = self(**batch.to(device)).embeddings.float().cpu()
+                    if not chunk.isfinite().all():
+                        raise InputError(batches[number][0], f"the embeddings of its batch ({len(batches[number])} "
+                                                             f"inputs) are {NON_FINITE_EMBEDDINGS}")  # fmt: skip
+                    chunks.append(chunk)
         finally:
             self.train(was_training)
 

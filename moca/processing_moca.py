@@ -578,6 +578,17 @@ class MoCaProcessor(ProcessorMixin):
         except InputError as error:  # named by its position in this batch: name it by the caller's index
             raise InputError(indices[error.index], error.reason) from error
 
+    def token_counts(self, items: Sequence[tuple[str, list]]) -> list[int]:
+        """Tokens each `parse_inputs` item becomes in `batch` before any cut: its text's tokens plus, per image,
+        the start and end markers and the visual tokens after the resolution bounds (`min_pixels` upscaling
+        included), from the image headers alone (no pixels decoded)."""
+        texts, tokens_per_image = [], []
+        for text, images in items:
+            # As `__call__` places them: images without a placeholder go first.
+            texts.append(text if count_image_placeholders(text) or not images else IMAGE_PLACEHOLDER * len(images) + text)
+            tokens_per_image.extend(int(self.image_cost(image)) for image in images)
+        return [len(ids) for ids in self.token_ids(texts, tokens_per_image)] if texts else []
+
     def image_cost(self, image) -> float:
         """Visual tokens of an image, read from its header only (no decoding); 0 when it cannot be read
         (`batch` raises the error that names it)."""

@@ -61,6 +61,8 @@ def fail_on_second_chunk(monkeypatch):
 
 
 def embed(model, items, output, **kwargs):
+    # float32 as the checkpoint is stored (auto is bf16 on some CPUs): fingerprints are compared with it.
+    kwargs = {"dtype": "float32", **kwargs}
     return cli.embed(str(model), str(items), str(output), chunk_size=2, show_progress_bar=False, **kwargs)
 
 

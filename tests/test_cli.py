@@ -56,6 +56,8 @@ def test_embed_then_search_returns_cosine_order(moca_checkpoint, item_folder, ti
             str(output),
             "--batch_size",
             "3",
+            "--dtype",  # the default (auto) is bf16 on CPUs with AMX or AVX-512-BF16: compared here with float32
+            "float32",
         ]
     )
 
@@ -107,6 +109,7 @@ def test_dataset_to_parquet_and_image_query(moca_checkpoint, tiny_moca, tmp_path
         batch_size=2,
         chunk_size=3,
         id_column="doc_id",
+        dtype="float32",
         show_progress_bar=False,
     )
     read = cli.read_index(output)

@@ -130,3 +130,60 @@ def test_encode_needs_a_processor(tiny_moca):
     with pytest.raises(ValueError, match="No processor"):
         bare.encode(["text"])
     assert bare.encode(["text"], processor=processor).shape == (1, model.config.hidden_size)
+
+
+def _mixed_items(processor, tmp_path):
+    """Texts (one of tokens that four characters do not make), images under the lower bound (upscaled), above
+    the upper bound (downscaled), as a file and as bytes, text + two images, and an image-only input with the
+    release's image prompt."""
+    import io
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (300, 90), "green").save(buffer, format="PNG")
+    Image.new("RGB", (28, 28), "red").save(tmp_path / "small.png")
+    inputs = [
+        "a red circle",
+        " ".join(["a"] * 40),  # 80 characters, about 40 tokens
+        tmp_path / "small.png",
+        {"text": "two pages <image> and <image> side by side", "image": [Image.new("RGB", (600, 400)), buffer.getvalue()]},
+        {"text": "no placeholder: the image goes first", "image": Image.new("RGB", (56, 84), "blue")},
+        Image.new("RGB", (90, 30), "white"),
+    ]
+    image_prompt = "<|vision_start|><|image_pad|><|vision_end|>Represent the given image.\n"
+    return processor.parse_inputs(inputs, image_prompt=image_prompt)
+
+
+def test_token_counts_are_the_lengths_batch_makes(tiny_moca, tmp_path):
+    _, processor = tiny_moca
+    bounds = processor.image_token_bounds
+    processor.set_image_token_bounds(6, 40)  # the 28x28 image upscales to 6 tokens, the 600x400 one shrinks
+    try:
+        items = _mixed_items(processor, tmp_path)
+        counts = processor.token_counts(items)
+        lengths = [int(processor.batch([item])["attention_mask"].sum()) for item in items]
+        grid = processor.batch([items[2]])["image_grid_thw"]
+    finally:
+        processor.set_image_token_bounds(*bounds)
+    assert counts == lengths
+    # Upscaled from 1 token's worth of pixels to the smallest square of at least 6 tokens: 3 x 3.
+    assert int(grid.prod()) // processor.merge_size**2 == 9
+
+
+def test_encode_batches_items_longest_first_by_their_token_counts(tiny_moca, tmp_path, monkeypatch):
+    model, processor = tiny_moca
+    items = _mixed_items(processor, tmp_path)
+    inputs = [{"text": text, "image": images} if images else text for text, images in items]
+    seen = []
+    original = type(processor).batch
+
+    def recording_batch(self, batch_items, *args, **kwargs):
+        batch = original(self, batch_items, *args, **kwargs)
+        seen.extend(batch["attention_mask"].sum(-1).tolist())
+        return batch
+
+    monkeypatch.setattr(type(processor), "batch", recording_batch)
+    embeddings = model.encode(inputs, batch_size=2)
+    assert seen == sorted(processor.token_counts(items), reverse=True)
+    monkeypatch.undo()
+    # ... and the result keeps the input order.
+    torch.testing.assert_close(embeddings[1], model.encode([inputs[1]])[0], atol=1e-5, rtol=0)

@@ -1,10 +1,11 @@
-"""The CPT losses against independent hand computations: the chunked masked-position MLM loss (value and
+"""The CPT losses against independent hand computations: the fused chunked masked-position MLM loss (value and
 gradients) and the MAE patch loss (closed-form values)."""
 
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from moca.training.cpt import masked_lm_loss, masked_patch_loss
 
@@ -106,3 +107,94 @@ def test_patch_loss_is_a_mean_over_patches():
     assert masked_patch_loss(targets.clone(), targets).item() == 0.0
     # bf16 inputs are compared in float32.
     assert masked_patch_loss(predictions.bfloat16(), targets.bfloat16()).dtype == torch.float32
+
+
+def naive_mlm_loss(hidden_states, labels, head_weight):
+    """The loss autograd differentiates itself: full logits, then cross-entropy with ignored positions."""
+    logits = F.linear(hidden_states, head_weight).float()
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
+def _fused_and_naive(hidden, weight, labels, scale=1.0, **kwargs):
+    """(loss, hidden grad, weight grad) of the fused loss and of the naive one, each scaled by `scale` before
+    the backward (as the Trainer divides by the accumulation steps)."""
+    results = []
+    for loss_fn in (lambda h, l, w: masked_lm_loss(h, l, w, **kwargs), naive_mlm_loss):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss = loss_fn(h, labels, w)
+        (loss * scale).backward()
+        results.append((loss.detach(), h.grad, w.grad))
+    return results
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 5, 10_000])
+def test_fused_loss_and_gradients_equal_autograds_naive_loss(chunk_size):
+    hidden, weight, labels = _mlm_inputs()
+    (loss, grad_h, grad_w), (naive, naive_h, naive_w) = _fused_and_naive(hidden, weight, labels, 0.25,
+                                                                         chunk_size=chunk_size)
+    # Same float32 log-softmax as F.cross_entropy: the loss differs only in the order of the final sum.
+    torch.testing.assert_close(loss, naive, rtol=1e-6, atol=0)
+    # Gradients: 1e-5 relative (of the largest entry), with the 0.25 of the backward's incoming gradient applied.
+    for fused, reference in ((grad_h, naive_h), (grad_w, naive_w)):
+        assert reference.abs().max() > 1e-3
+        torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-5 * reference.abs().max().item())
+
+
+def test_fused_loss_in_bfloat16_matches_the_naive_bfloat16_loss():
+    # Both compute logits and gradient products in bf16 (float32 softmax); the fused one also accumulates the
+    # head's gradient over chunks in bf16, so the tolerance is bf16's (3 significant digits).
+    hidden, weight, labels = _mlm_inputs()
+    (loss, grad_h, grad_w), (naive, naive_h, naive_w) = _fused_and_naive(
+        hidden.bfloat16(), weight.bfloat16(), labels, chunk_size=4
+    )
+    assert grad_h.dtype == grad_w.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    torch.testing.assert_close(loss, naive, rtol=1e-6, atol=0)
+    for fused, reference in ((grad_h, naive_h), (grad_w, naive_w)):
+        scale = reference.abs().max().item()
+        assert (fused.float() - reference.float()).abs().max() < 2e-2 * scale
+
+
+def test_fused_loss_with_a_frozen_head_and_without_gradients():
+    hidden, weight, labels = _mlm_inputs()
+    h = hidden.clone().requires_grad_()
+    masked_lm_loss(h, labels, weight, chunk_size=4).backward()  # the head needs no gradient
+    h_naive = hidden.clone().requires_grad_()
+    naive_mlm_loss(h_naive, labels, weight).backward()
+    torch.testing.assert_close(h.grad, h_naive.grad, rtol=1e-5, atol=1e-7)
+    with torch.no_grad():
+        loss = masked_lm_loss(hidden, labels, weight, chunk_size=4)
+    assert loss.grad_fn is None
+    torch.testing.assert_close(loss, naive_mlm_loss(hidden, labels, weight), rtol=1e-6, atol=0)
+
+
+def test_fused_loss_with_a_head_tied_to_the_input_embeddings():
+    # Qwen2.5-VL-3B ties them: the head's gradient adds up with the embedding lookup's, and the hidden states'
+    # gradient flows back into the same weight.
+    _, weight, labels = _mlm_inputs()
+    ids = torch.randint(0, weight.shape[0], labels.shape, generator=torch.Generator().manual_seed(1))
+    grads = []
+    for loss_fn in (lambda h, l, w: masked_lm_loss(h, l, w, chunk_size=4), naive_mlm_loss):
+        w = weight.clone().requires_grad_()
+        hidden = torch.tanh(F.embedding(ids, w) * 3)
+        loss_fn(hidden, labels, w).backward()
+        grads.append(w.grad)
+    assert grads[1].abs().max() > 1e-3
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5 * grads[1].abs().max().item())
+
+
+def test_fused_loss_under_autocast_keeps_float32_gradients():
+    # Mixed precision (`--bf16` with float32 weights): logits in bf16 as autocast makes them, the gradient
+    # products in the weights' float32, gradients of the weights' dtype; close to autograd's under autocast.
+    hidden, weight, labels = _mlm_inputs()
+    grads = []
+    for loss_fn in (lambda h, l, w: masked_lm_loss(h, l, w, chunk_size=4), naive_mlm_loss):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = loss_fn(h, labels, w)
+        loss.backward()
+        grads.append((loss.detach(), h.grad, w.grad))
+    (loss, grad_h, grad_w), (naive, naive_h, naive_w) = grads
+    assert grad_h.dtype == grad_w.dtype == torch.float32
+    torch.testing.assert_close(loss, naive, rtol=1e-6, atol=0)  # the same bf16 logits, the same float32 softmax
+    for fused, reference in ((grad_h, naive_h), (grad_w, naive_w)):
+        assert (fused - reference).abs().max() < 2e-2 * reference.abs().max()

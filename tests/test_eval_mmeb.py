@@ -221,7 +221,8 @@ def test_two_processes_give_the_results_of_one(tiny_moca, mmeb_data, tmp_path):
 
     checkpoint = tmp_path / "checkpoint"
     tiny_moca[0].save_pretrained(checkpoint)
-    arguments = ["--model", str(checkpoint), "--data_dir", str(mmeb_data), "--batch_size", "2"]
+    # float32 as in the process (the default, auto, is bf16 on CPUs with AMX or AVX-512-BF16)
+    arguments = ["--model", str(checkpoint), "--data_dir", str(mmeb_data), "--batch_size", "2", "--dtype", "float32"]
     one = main([*arguments, "--output_dir", str(tmp_path / "one")])
 
     # torchrun starts the processes as `accelerate launch` does on GPUs; ACCELERATE_USE_CPU makes them join over gloo.

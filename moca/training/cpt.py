@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.autograd.function import once_differentiable
 from torch.utils.data import DataLoader, Dataset, Sampler
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.utils import ModelOutput, cached_file
@@ -63,34 +63,83 @@ MAX_LENGTH = 1280
 # ---------------------------------------------------------------------------------------------------------------
 
 
+# How many rows of logits the MLM loss holds at once: as many as fit in about this many bytes of float32 logits
+# (110 rows at Qwen's 151,936-token vocabulary). Smaller chunks hold less; much smaller ones make thin matmuls.
+MLM_CHUNK_BYTES = 64 * 2**20
+
+
 def masked_lm_loss(hidden_states: torch.Tensor, labels: torch.Tensor, head_weight: torch.Tensor,
-                   chunk_size: int = 1024) -> torch.Tensor:
+                   chunk_size: int | None = None) -> torch.Tensor:
     """Mean cross-entropy over the positions where `labels != -100`, never holding full-vocabulary logits for
     every token: the masked positions are gathered first (`(N, hidden)`), then projected `chunk_size` rows at a
-    time. Each chunk runs under `torch.utils.checkpoint`, so its `(chunk_size, vocab)` logits are freed after
-    the forward and recomputed in the backward: peak memory holds one chunk's logits in both passes, while
-    autograd's own cross-entropy gradient keeps the result exact (a hand-written autograd function would save
-    nothing more and have to re-derive that gradient). At a 151,936-token vocabulary, a chunk of 1024 rows holds
-    0.6 GB of float32 logits, against 7.8 GB for the 12,800 tokens of a full micro-batch.
+    time (default: rows of about `MLM_CHUNK_BYTES` of float32 logits).
+
+    With gradients on, it is a fused linear + cross-entropy (Liger's approach, in plain torch): each chunk's
+    gradients (softmax - one-hot, through the head) are computed in the forward right after its loss, and the
+    chunk's logits are dropped; the backward only scales them by the incoming gradient. Peak memory: one weight-
+    sized gradient buffer (in the weight's dtype) plus one chunk's logits, and one matmul less than recomputing
+    the logits in the backward. Written by hand because autograd's own cross-entropy needs the logits alive
+    until the backward; the gradients equal autograd's of the naive loss (see tests/test_cpt_loss.py).
     """
     positions = labels.ne(-100)
     hidden = hidden_states[positions]
     targets = labels[positions]
     if hidden.shape[0] == 0:
         return hidden_states.sum() * 0.0  # keeps the graph connected when nothing was masked
+    if chunk_size is None:
+        chunk_size = max(1, MLM_CHUNK_BYTES // (4 * head_weight.shape[0]))
+    if torch.is_grad_enabled() and (hidden.requires_grad or head_weight.requires_grad):
+        return _FusedLinearCrossEntropy.apply(hidden, head_weight, targets, chunk_size)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk_size):
-        chunk = (hidden[start : start + chunk_size], head_weight, targets[start : start + chunk_size])
-        if torch.is_grad_enabled():
-            total = total + checkpoint(_summed_cross_entropy, *chunk, use_reentrant=False)
-        else:
-            total = total + _summed_cross_entropy(*chunk)
+        log_probs = _chunk_log_probs(hidden[start : start + chunk_size], head_weight)
+        total = total - log_probs.gather(1, targets[start : start + chunk_size, None]).sum()
     return total / hidden.shape[0]
 
 
-def _summed_cross_entropy(hidden: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = F.linear(hidden, head_weight).float()
-    return F.cross_entropy(logits, targets, reduction="sum")
+def _chunk_log_probs(hidden: torch.Tensor, head_weight: torch.Tensor) -> torch.Tensor:
+    """float32 log-softmax of one chunk's logits (computed in the weights' dtype, as the naive loss does)."""
+    return torch.log_softmax(F.linear(hidden, head_weight), dim=-1, dtype=torch.float32)
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """`mean_i CE(hidden_i @ W.T, target_i)` with its gradients computed chunk by chunk in the forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size):
+        count = hidden.shape[0]
+        total = hidden.new_zeros((), dtype=torch.float32)
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        for start in range(0, count, chunk_size):
+            rows, chunk_targets = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+            log_probs = _chunk_log_probs(rows, weight)
+            total = total - log_probs.gather(1, chunk_targets[:, None]).sum()
+            # d(mean loss) / d(logits) = (softmax - one-hot) / N, in place over the log-probabilities.
+            grad_logits = log_probs.exp_()
+            grad_logits[torch.arange(len(rows), device=rows.device), chunk_targets] -= 1
+            grad_logits = grad_logits.div_(count).to(weight.dtype)
+            del log_probs
+            # In the weights' dtype even under autocast (whose casts do not reach `out=` and in-place products).
+            with torch.autocast(rows.device.type, enabled=False):
+                if grad_hidden is not None:
+                    grad_hidden[start : start + chunk_size] = grad_logits @ weight
+                if grad_weight is not None:
+                    grad_weight.addmm_(grad_logits.T, rows.to(weight.dtype))
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return total / count
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        # Scaled in place (by 1 / accumulation steps under the Trainer, say): no second weight-sized buffer.
+        return (
+            None if grad_hidden is None else grad_hidden.mul_(grad_loss),
+            None if grad_weight is None else grad_weight.mul_(grad_loss),
+            None,
+            None,
+        )
 
 
 def masked_patch_loss(predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

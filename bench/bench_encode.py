@@ -88,7 +88,7 @@ def profile_encode(model, inputs: list, batch_size: int) -> str:
     image_processor_call = image_processor_class.__call__
     image_processor_class.__call__ = timed_call("image processor (resize, normalise, patches)", image_processor_call)
     processor.token_counts = timed_call("token counts (sort key)", processor.token_counts)
-    handles = [*timed_module("vision tower", model.vlm.visual), *timed_module("language model", model.vlm.language_model)]
+    handles = [*timed_module("vision tower", model.model.visual), *timed_module("language model", model.model.language_model)]
     try:
         with profile(activities=[ProfilerActivity.CPU]) as profiler:
             start = time.perf_counter()

@@ -527,9 +527,13 @@ def plot(scores: dict, variants: list[str], path: Path) -> None:
         points = [(x, [s[column] for s in scores.get(n, {}).values()]) for x, n in zip(xs, names)]
         points = [(x, v) for x, v in points if v]
         if points:
-            axes[1].errorbar([str(x) + "x" for x, _ in points], [statistics.mean(v) for _, v in points],
+            axes[1].errorbar([f"{x:g}x" for x, _ in points], [statistics.mean(v) for _, v in points],
                              yerr=[statistics.stdev(v) if len(v) > 1 else 0 for _, v in points], marker="o",
                              color=colour, capsize=3, label=column)  # fmt: skip
+    base = [s["MMEB overall"] for s in scores.get(BASE, {}).values()]
+    if base:
+        axes[1].axhline(statistics.mean(base), color="tab:blue", linestyle="--", linewidth=1,
+                        label="MMEB overall, base VLM (no training)")  # fmt: skip
     axes[1].set_xlabel("CPT data (0x = no CPT)")
     axes[1].set_ylabel("score (%), mean ± sd over seeds")
     axes[1].set_title("more CPT data")

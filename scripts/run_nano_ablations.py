@@ -234,7 +234,8 @@ def run_unit(out: Path, results_dir: Path, preset: GridSettings, variant: str, s
     final = train_in_process("contrastive", target, "train_contrastive.py", argv, [checkpoint, world])
     losses["contrastive"] = last_losses(final)
     results = evaluate(final, run_dir / "eval", world, settings)
-    result = {"scores": summary(results), "final_losses": losses, "cpt_steps": cpt_steps(checkpoint),
+    result = {"scores": summary(results), "final_losses": losses,
+              "cpt_steps": cpt_steps(checkpoint) if settings.cpt_scale else 0,
               "contrastive_loss": loss_curve(final), "minutes": round((time.time() - start) / 60, 2)}  # fmt: skip
     write_result(results_dir, preset, variant, seed, result)
     return result

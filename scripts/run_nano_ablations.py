@@ -196,11 +196,33 @@ def train_in_process(name: str, target: Path, script: str, argv: list[str], inpu
     return target
 
 
+def claim(lock: Path) -> bool:
+    """True when this process may run the unit: no other live process holds its lock (two grid processes
+    sharing an output folder must not train into the same folders)."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    if lock.is_file():
+        try:
+            pid = int(lock.read_text())
+            if pid != os.getpid():
+                os.kill(pid, 0)
+                return False
+        except (ValueError, ProcessLookupError):
+            pass  # a stale lock: its process is gone
+    lock.write_text(str(os.getpid()))
+    return True
+
+
 def run_unit(out: Path, results_dir: Path, preset: GridSettings, variant: str, seed: int) -> dict:
     """One (variant, seed) run from the seed's base VLM to its evaluation; writes and returns its result."""
     from run_pipeline import NANO_IMAGE_TOKENS, evaluate, trainer_flags
 
     start = time.time()
+    existing = load_result(results_dir, preset, variant, seed)
+    if existing:  # finished by another grid process since this one was scheduled
+        return existing
+    if not claim(out / "locks" / f"{slug(variant)}-seed{seed}.pid"):
+        print(f"{variant}, seed {seed}: another process is running it", flush=True)
+        return {}
     world, base = prepare_seed(out, preset, seed)
     seed_dir = out / f"seed{seed}"
     settings = run_settings(preset, variant)

@@ -10,15 +10,17 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
 from moca import MoCaModel, MoCaProcessor
 from moca.testing import make_tiny_vlm
+
+from engine_inputs import engine_inputs
 
 pytestmark = pytest.mark.torchvision
 
@@ -30,41 +32,24 @@ ATOL = 1e-5
 PIXEL_ATOL = 1e-6
 QUERY_PROMPT = "Represent the query for retrieval: {text}\n"
 
-_IMAGES = """
-red = Image.new("RGB", (112, 84), "red")
-green = Image.new("RGB", (56, 112), (20, 200, 90))
-"""
-# Inputs per prompt name: each named prompt on the inputs it is meant for (`image_question` holds an image
-# placeholder, so it takes text with an image; `image` and `document_page` take an image alone).
-_INPUTS = """
-plain = ["A red circle on a white background.", red, {"text": "Page 3 of the report <image> with a chart", "image": green},
-         {"text": "Two images <image> and <image>", "image": [green, red]}]
-by_prompt = {
-    "image_question": [{"text": "What colour is the shape?", "image": red}, {"text": "How tall is it?", "image": green}],
-    "caption": ["a red square", "a green page"],
-    "image": [red, green],
-    "document_page": [green, red],
-    "text": ["plain text", "more plain text"],
-}
-"""
-exec(_IMAGES + _INPUTS)  # the same inputs here and in the fresh process
+plain, by_prompt = engine_inputs()
+red, green = plain[1], plain[2]["image"]
 
 _ST_SCRIPT = textwrap.dedent(
     """
     import sys
     sys.modules["moca"] = None  # nothing of ours: stock sentence-transformers and transformers only
-    import torch
-    from PIL import Image
     from safetensors.torch import save_file
     from sentence_transformers import SentenceTransformer
 
-    checkpoint, output = sys.argv[1:3]
+    checkpoint, output, tests_dir = sys.argv[1:4]
+    sys.path.insert(0, tests_dir)
+    from engine_inputs import engine_inputs
+
     model = SentenceTransformer(checkpoint)  # no trust_remote_code
     assert type(model[0].auto_model).__module__.startswith("transformers.models."), type(model[0].auto_model)
     assert type(model[0].processor).__module__.startswith("transformers.models."), type(model[0].processor)
-    """
-) + _IMAGES + _INPUTS + textwrap.dedent(
-    """
+    plain, by_prompt = engine_inputs()
     tensors = {"plain": model.encode(plain, batch_size=3, convert_to_tensor=True),
                "query": model.encode_query(by_prompt["caption"], convert_to_tensor=True)}
     for name, inputs in by_prompt.items():
@@ -88,8 +73,8 @@ def test_sentence_transformers_without_remote_code_equals_encode(checkpoint, tmp
     output = tmp_path / "st.safetensors"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_HUB_OFFLINE"] = "1"
-    result = subprocess.run([sys.executable, "-c", _ST_SCRIPT, str(path), str(output)], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", _ST_SCRIPT, str(path), str(output), str(Path(__file__).parent)],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     got = load_file(output)
     torch.testing.assert_close(got["plain"], model.encode(plain), atol=ATOL, rtol=0)
@@ -150,7 +135,7 @@ def test_checkpoint_processor_files_name_the_stock_classes(checkpoint):
 def test_vllm_prompts_through_the_stock_processor_give_moca_inputs(checkpoint):
     """vLLM takes `examples/vllm_embed.py`'s raw prompts and runs them through the backbone's stock processor (with
     the checkpoint's resolution bounds): that is what it can be checked on without vLLM."""
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1] / "examples"))
+    sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
     try:
         from vllm_embed import vllm_prompts
     finally:

@@ -198,13 +198,16 @@ def test_the_smoke_grid_runs_resumes_and_reports(tmp_path, monkeypatch):
 
     monkeypatch.setattr(subprocess, "Popen", refuse)
     doc = tmp_path / "doc.md"
-    doc.write_text(f"before\n{grid.RESULTS_START}\nold\n{grid.RESULTS_END}\nafter\n")
+    start, end = grid.results_markers("smoke")
+    other = "\n".join(grid.results_markers("paper")).replace("\n", "\nthe first grid's results\n")
+    doc.write_text(f"before\n{start}\nold\n{end}\n{other}\nafter\n")
     grid.main(["--preset", "smoke", "--seeds", "0", "--variants", "full", "mixed batches", "--output_dir", str(out),
                "--results_dir", str(results), "--doc", str(doc)])  # fmt: skip
     text = doc.read_text()
-    assert text.startswith("before\n") and text.endswith("after\n") and "old" not in text
+    assert text.startswith("before\n") and text.endswith(f"{other}\nafter\n") and "old" not in text
+    assert text.index(start) < text.index("| H5:") < text.index(end)  # the other preset's section is left as it was
     assert "| H5: task-aware batching >= mixed batches | MMEB overall | 1 |" in text
-    assert (tmp_path / "doc.png").stat().st_size > 0
+    assert (tmp_path / "doc-smoke.png").stat().st_size > 0
     h5 = {row["id"]: row for row in grid.judge_hypotheses(grid.load_scores(results, preset, [0], ["full", "mixed batches"])[0])}["H5"]
     mixed = json.loads(grid.result_path(results, "mixed batches", 0).read_text())["scores"]["MMEB overall"]
     assert h5["differences"] == pytest.approx([full["scores"]["MMEB overall"] - mixed])

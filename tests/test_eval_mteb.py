@@ -13,6 +13,7 @@ from PIL import Image
 
 from eval.metrics import load_metric
 from eval.mteb_moca import MoCaMTEBEncoder, batch_to_inputs
+from moca.cli import DTYPES, resolve_dtype
 
 QUERIES = ["quarterly revenue table", "a map of the sites", "board members", "water use per plant"]
 PAGES = [Image.new("RGB", (56 + 28 * (i % 2), 84), (45 * i, 210 - 35 * i, 60 + 25 * i)) for i in range(6)]
@@ -140,7 +141,11 @@ def test_batches_become_moca_inputs():
 
 def test_the_encoder_loads_a_checkpoint_by_name(tiny_moca, tmp_path):
     tiny_moca[0].save_pretrained(tmp_path)
-    encoder = MoCaMTEBEncoder(str(tmp_path), device="cpu")
+    # The default dtype is the hardware's: bfloat16 on a CPU that computes it natively (AMX / AVX512-BF16), float32
+    # elsewhere; the numerical comparison below asks for float32, so it holds on either kind of machine.
+    auto = MoCaMTEBEncoder(str(tmp_path), device="cpu")
+    assert auto.model.dtype == DTYPES[resolve_dtype(None, torch.device("cpu"))]
+    encoder = MoCaMTEBEncoder(str(tmp_path), device="cpu", dtype="float32")
     meta = encoder.mteb_model_meta
     assert meta.name == str(tmp_path) and meta.embed_dim == tiny_moca[0].config.hidden_size
     assert meta.modalities == ["image", "text"] and meta.similarity_fn_name == "cosine"

@@ -535,7 +535,7 @@ def plot(scores: dict, variants: list[str], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     others = [v for v in variants if v != "full"]
-    figure, axes = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 2]})
+    figure, axes = plt.subplots(1, 2, figsize=(13, 5.4), gridspec_kw={"width_ratios": [3, 2]})
     for k, (column, colour) in enumerate([("MMEB overall", "tab:blue"), ("MMEB OOD", "tab:orange"),
                                           ("MMEB CPT-only concepts", "tab:green")]):  # fmt: skip
         for row, variant in enumerate(others):
@@ -551,7 +551,8 @@ def plot(scores: dict, variants: list[str], path: Path) -> None:
     axes[0].set_yticks(range(len(others)), others, fontsize=8)
     axes[0].invert_yaxis()
     axes[0].set_xlabel("variant − full (points), mean and 95% t interval over seeds")
-    axes[0].legend(fontsize=8, loc="lower left")
+    # Legends below the axes: inside, they cover intervals or curves.
+    axes[0].legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3)
     axes[0].set_title("ablations, paired by seed")
     xs = [0.0] + list(SCALE_VARIANTS)
     names = ["no CPT (bidirectional + CL)"] + list(SCALE_VARIANTS.values())
@@ -569,7 +570,7 @@ def plot(scores: dict, variants: list[str], path: Path) -> None:
     axes[1].set_xlabel("CPT data (0x = no CPT)")
     axes[1].set_ylabel("score (%), mean ± sd over seeds")
     axes[1].set_title("more CPT data")
-    axes[1].legend(fontsize=8)
+    axes[1].legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

@@ -509,8 +509,14 @@ def report(scores: dict, extra: dict, preset_name: str, seeds: list[int], varian
             values = [v for v in (get(r) for r in runs) if v is not None]
             return statistics.mean(values) if values else None
 
-        lines.append(f"| {variant} | {fmt(mean_of(lambda r: r['final_losses'].get('cpt', {}).get('mlm_loss')), digits=3)} | "
-                     f"{fmt(mean_of(lambda r: r['final_losses'].get('cpt', {}).get('mae_loss')), digits=3)} | "
+        # A loss the variant switches off is logged as 0.0 by the trainer: shown as "–", not as a loss it reached.
+        trained = {"mlm_loss": VARIANTS.get(variant, {}).get("text_mask_ratio") != 0.0,
+                   "mae_loss": VARIANTS.get(variant, {}).get("image_mask_ratio") != 0.0}  # fmt: skip
+
+        def cpt_loss(name):
+            return mean_of(lambda r: r["final_losses"].get("cpt", {}).get(name)) if trained[name] else None
+
+        lines.append(f"| {variant} | {fmt(cpt_loss('mlm_loss'), digits=3)} | {fmt(cpt_loss('mae_loss'), digits=3)} | "
                      f"{fmt(mean_of(lambda r: r['final_losses']['contrastive'].get('loss')), digits=3)} | "
                      f"{fmt(mean_of(lambda r: r.get('cpt_steps')), digits=0)} |")  # fmt: skip
     curves = [r["warmup_loss"] for r in extra.get(BASE, {}).values() if len(r["warmup_loss"]) >= 10]

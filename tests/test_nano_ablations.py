@@ -155,6 +155,19 @@ def test_hypotheses_pair_runs_by_seed_and_h4_is_the_slope_per_doubling():
     assert rows["H2"]["verdict"] == "not run" and rows["H2"]["seeds"] == []
 
 
+def test_the_loss_table_shows_a_switched_off_loss_as_absent():
+    # The CPT trainer logs the MLM loss of a run without MLM as 0.0: the report must not show it as a loss reached.
+    scores = {v: {0: {c: 1.0 for c in grid.TABLE_COLUMNS}} for v in (grid.BASE, "full", "no MLM", "no MAE")}
+    extra = {
+        "full": {0: {"final_losses": {"cpt": {"mlm_loss": 3.9, "mae_loss": 0.5}, "contrastive": {"loss": 1.0}}, "cpt_steps": 8}},
+        "no MLM": {0: {"final_losses": {"cpt": {"mlm_loss": 0.0, "mae_loss": 0.4}, "contrastive": {"loss": 1.1}}, "cpt_steps": 8}},
+        "no MAE": {0: {"final_losses": {"cpt": {"mlm_loss": 3.8}, "contrastive": {"loss": 1.2}}, "cpt_steps": 8}},
+    }
+    text = grid.report(scores, extra, "unit", [0], ["full", "no MLM", "no MAE"], Path("plot.png"))
+    assert "| full | 3.900 | 0.500 | 1.000 | 8 |" in text
+    assert "| no MLM | – | 0.400 | 1.100 | 8 |" in text and "| no MAE | 3.800 | – | 1.200 | 8 |" in text
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Resumability: results keyed on settings.
 

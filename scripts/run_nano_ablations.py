@@ -4,13 +4,15 @@ hypotheses, statistics and verdicts stated in docs/nano_ablations.md before the 
     python scripts/run_nano_ablations.py --preset paper                 # the whole grid, 5 seeds, 2 jobs
     python scripts/run_nano_ablations.py --preset paper --seeds 0 1 2 3 4 5 6   # extend it
     python scripts/run_nano_ablations.py --preset paper --report_only   # table + plot from the results so far
+    python scripts/run_nano_ablations.py --preset paper-long            # the second grid: 1,200 contrastive steps
 
 Per seed: one world and one causally warmed-up base VLM, shared by every variant of that seed. Each (variant,
 seed) run writes one small JSON (`--results_dir`, default docs/nano_ablations/results/<preset>/), keyed on its
 settings: a rerun skips the runs whose JSON holds the same settings and redoes the others. Intermediate stages
 (worlds, checkpoints) go to `--output_dir` and are reused through the nano pipeline's stage records. Units run
 as subprocesses, `--jobs` at a time, one thread each. The report (paired differences, 95% t intervals, verdicts,
-plot) replaces the generated part of `--doc` (between its results markers) and writes the plot next to it.
+plot) replaces the preset's generated part of `--doc` (between its own results markers) and writes the plot next
+to it (`<doc>-<preset>.png`).
 """
 
 import argparse

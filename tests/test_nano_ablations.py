@@ -155,6 +155,19 @@ def test_hypotheses_pair_runs_by_seed_and_h4_is_the_slope_per_doubling():
     assert rows["H2"]["verdict"] == "not run" and rows["H2"]["seeds"] == []
 
 
+def test_the_second_grid_changes_only_the_settings_its_doc_section_names():
+    # docs/nano_ablations.md states that paper-long differs from paper in these three settings and no other.
+    from dataclasses import asdict
+
+    def flat(settings):
+        return {**{f"world.{k}": v for k, v in asdict(settings.world).items()},
+                **{k: v for k, v in asdict(settings).items() if k != "world"}}  # fmt: skip
+
+    first, second = flat(grid.PRESETS["paper"]), flat(grid.PRESETS["paper-long"])
+    changed = {k: (first[k], second[k]) for k in first if first[k] != second[k]}
+    assert changed == {"world.cpt_rows": (800, 2000), "cl_steps": (200, 1200), "cl_batch_size": (8, 16)}
+
+
 def test_the_loss_table_shows_a_switched_off_loss_as_absent():
     # The CPT trainer logs the MLM loss of a run without MLM as 0.0: the report must not show it as a loss reached.
     scores = {v: {0: {c: 1.0 for c in grid.TABLE_COLUMNS}} for v in (grid.BASE, "full", "no MLM", "no MAE")}
